@@ -1,0 +1,178 @@
+"""Settings, read from the environment (see the configuration table in README.md)."""
+from pathlib import Path
+
+import dj_database_url
+
+from orchestration_site.env import ConfigError, env_bool, env_int, env_list, env_seconds, env_str
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+DEBUG = env_bool("DJANGO_DEBUG", False)
+SECRET_KEY = env_str("DJANGO_SECRET_KEY")
+if not SECRET_KEY:
+    if not DEBUG:
+        raise ConfigError("DJANGO_SECRET_KEY is required unless DJANGO_DEBUG=1")
+    SECRET_KEY = "insecure-debug-only-key"
+ALLOWED_HOSTS = env_list("DJANGO_ALLOWED_HOSTS", "localhost,127.0.0.1")
+CSRF_TRUSTED_ORIGINS = env_list("DJANGO_CSRF_TRUSTED_ORIGINS", "")
+
+PORT = env_int("PORT", default=7001, minimum=1, maximum=65535)
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "rest_framework",
+    "drf_spectacular",
+    "channels",
+    "sagas",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "orchestration_site.urls"
+ASGI_APPLICATION = "orchestration_site.asgi.application"
+WSGI_APPLICATION = "orchestration_site.wsgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+try:
+    DATABASES = {
+        "default": dj_database_url.parse(
+            env_str("DATABASE_URL", default=f"sqlite:///{BASE_DIR / 'db.sqlite3'}"),
+            conn_max_age=600,
+            conn_health_checks=True,
+        )
+    }
+except ValueError as error:
+    raise ConfigError(f"DATABASE_URL is not a database URL: {error}") from None
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    # Web and consumer write the same file: take the write lock at BEGIN and wait for it.
+    DATABASES["default"]["OPTIONS"] = {
+        "transaction_mode": "IMMEDIATE",
+        "timeout": 20,
+        "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+    }
+    DATABASES["default"]["CONN_MAX_AGE"] = 0
+DATABASES["default"].setdefault("TEST", {})
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+REDIS_HOST = env_str("REDIS_HOST", default="localhost")
+REDIS_PORT = env_int("REDIS_PORT", default=6379, minimum=1, maximum=65535)
+REDIS_DB = env_int("REDIS_DB", default=0, minimum=0, maximum=15)
+REDIS_PASSWORD = env_str("REDIS_PASSWORD")
+_redis_auth = f":{REDIS_PASSWORD}@" if REDIS_PASSWORD else ""
+REDIS_URL = f"redis://{_redis_auth}{REDIS_HOST}:{REDIS_PORT}/{REDIS_DB}"
+CACHES = {
+    "default": {
+        "BACKEND": "django_redis.cache.RedisCache",
+        "LOCATION": REDIS_URL,
+        "KEY_PREFIX": "orchestrator",
+        "OPTIONS": {
+            "SOCKET_CONNECT_TIMEOUT": 1,
+            "SOCKET_TIMEOUT": 1,
+        },
+    }
+}
+CHANNEL_LAYERS = {
+    "default": {
+        "BACKEND": "channels_redis.core.RedisChannelLayer",
+        "CONFIG": {"hosts": [REDIS_URL], "prefix": "orchestrator-live"},
+    }
+}
+
+RABBITMQ = {
+    "host": env_str("RABBITMQ_HOST", default="localhost"),
+    "port": env_int("RABBITMQ_PORT", default=5672, minimum=1, maximum=65535),
+    "user": env_str("RABBITMQ_USER", default="guest"),
+    "password": env_str("RABBITMQ_PASSWORD", default="guest"),
+    "vhost": env_str("RABBITMQ_VHOST", default="/"),
+}
+
+_auth_host = env_str("AUTHERIZATION_SERVER_HOST", "AUTHORIZATION_SERVER_HOST", default="http://localhost")
+_auth_port = env_int("AUTHERIZATION_SERVER_PORT", "AUTHORIZATION_SERVER_PORT", default=5206, minimum=1, maximum=65535)
+if not _auth_host.startswith(("http://", "https://")):
+    raise ConfigError(f"AUTHERIZATION_SERVER_HOST must start with http:// or https://, got {_auth_host!r}")
+AUTH_VERIFY_PATH = env_str("AUTH_VERIFY_PATH", default="/auth/verify")
+if not AUTH_VERIFY_PATH.startswith("/"):
+    raise ConfigError(f"AUTH_VERIFY_PATH must start with '/', got {AUTH_VERIFY_PATH!r}")
+AUTH_VERIFY_URL = f"{_auth_host.rstrip('/')}:{_auth_port}{AUTH_VERIFY_PATH}"
+AUTH_TIMEOUT_SECONDS = 2.0
+
+SAGA_STEP_TIMEOUT_SECONDS = env_seconds("SAGA_STEP_TIMEOUT_SECONDS", 30.0)
+SAGA_STEP_MAX_ATTEMPTS = env_int("SAGA_STEP_MAX_ATTEMPTS", default=3, minimum=1, maximum=100)
+SAGA_COMPENSATION_MAX_ATTEMPTS = env_int("SAGA_COMPENSATION_MAX_ATTEMPTS", default=10, minimum=1, maximum=1000)
+
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": ["sagas.auth.BearerTokenAuthentication"],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
+    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "EXCEPTION_HANDLER": "sagas.api.errors.exception_handler",
+    "UNAUTHENTICATED_USER": None,
+}
+SPECTACULAR_SETTINGS = {
+    "TITLE": "Order orchestration API",
+    "DESCRIPTION": "Starts order sagas and reports their progress. See ../shared/contract.md.",
+    "VERSION": "1.0.0",
+    "SERVE_INCLUDE_SCHEMA": False,
+}
+# The contract's 64 KiB limit on a request body; larger bodies get 413.
+DATA_UPLOAD_MAX_MEMORY_SIZE = 64 * 1024
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+STATIC_URL = "static/"
+STATIC_ROOT = BASE_DIR / "staticfiles"
+WHITENOISE_USE_FINDERS = DEBUG
+LOGIN_URL = "admin:login"
+
+# Production hardening. TLS ends at the load balancer, which also redirects http to https:
+# the service itself speaks plain HTTP on PORT behind it (and to the participants' tests).
+SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+SECURE_SSL_REDIRECT = env_bool("DJANGO_SECURE_SSL_REDIRECT", False)
+SILENCED_SYSTEM_CHECKS = [] if SECURE_SSL_REDIRECT else ["security.W008"]
+SESSION_COOKIE_SECURE = not DEBUG
+CSRF_COOKIE_SECURE = not DEBUG
+SECURE_HSTS_SECONDS = 0 if DEBUG else 31536000
+SECURE_HSTS_INCLUDE_SUBDOMAINS = not DEBUG
+SECURE_HSTS_PRELOAD = not DEBUG
+SECURE_CONTENT_TYPE_NOSNIFF = True
+X_FRAME_OPTIONS = "DENY"
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"logfmt": {"()": "orchestration_site.logfmt.LogfmtFormatter"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "logfmt"}},
+    "root": {"handlers": ["console"], "level": env_str("LOG_LEVEL", default="INFO")},
+    "loggers": {"pika": {"level": "WARNING"}},
+}

@@ -1,0 +1,254 @@
+"""The one module that talks to RabbitMQ (pika). Nothing else imports pika.
+
+It knows the contract's topology, publishes persistent JSON messages with publisher confirms,
+and runs a consume loop with manual acks, a prefetch, and reconnection with backoff.
+Connections are not shared between threads: one `Broker` per thread, opened after fork.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import pika
+import pika.exceptions
+from django.conf import settings
+
+log = logging.getLogger(__name__)
+
+COMMANDS_EXCHANGE = "saga.commands"
+EVENTS_EXCHANGE = "saga.events"
+REPLIES_QUEUE = "saga.replies"
+DEAD_LETTER_QUEUE = "saga.replies.dead"
+PARTICIPANT_QUEUES = {
+    "stock.commands": "stock.*",
+    "payment.commands": "payment.*",
+    "order.commands": "order.*",
+}
+
+
+class BrokerUnavailable(Exception):
+    """The broker could not be reached, or did not confirm a message."""
+
+
+CONNECTION_ERRORS = (pika.exceptions.AMQPError, OSError)
+
+
+@dataclass(frozen=True)
+class Delivery:
+    body: bytes
+    routing_key: str
+    message_id: str | None
+    correlation_id: str | None
+    reply_to: str | None
+    redelivered: bool
+    headers: dict = field(default_factory=dict)
+
+
+def connection_parameters(*, heartbeat: int = 30) -> pika.ConnectionParameters:
+    rabbit = settings.RABBITMQ
+    return pika.ConnectionParameters(
+        host=rabbit["host"],
+        port=rabbit["port"],
+        virtual_host=rabbit["vhost"],
+        credentials=pika.PlainCredentials(rabbit["user"], rabbit["password"]),
+        heartbeat=heartbeat,
+        blocked_connection_timeout=10,
+        socket_timeout=2,
+        stack_timeout=5,
+        connection_attempts=1,
+        client_properties={"connection_name": "order-orchestrator"},
+    )
+
+
+def declare_topology(channel) -> None:
+    """Declare every exchange and queue of the contract, so no command is ever unroutable."""
+    channel.exchange_declare(COMMANDS_EXCHANGE, exchange_type="topic", durable=True)
+    channel.exchange_declare(EVENTS_EXCHANGE, exchange_type="topic", durable=True)
+    for queue_name, binding in PARTICIPANT_QUEUES.items():
+        channel.queue_declare(queue_name, durable=True)
+        channel.queue_bind(queue_name, COMMANDS_EXCHANGE, routing_key=binding)
+    channel.queue_declare(REPLIES_QUEUE, durable=True)
+    channel.queue_declare(DEAD_LETTER_QUEUE, durable=True)
+
+
+def encode(body: dict) -> bytes:
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+class Broker:
+    """One connection with a confirming publish channel; optionally a consumer on the same connection."""
+
+    def __init__(self, *, heartbeat: int = 30):
+        self._heartbeat = heartbeat
+        self._connection = None
+        self._channel = None
+
+    def _ensure(self):
+        if self._connection is None or self._connection.is_closed or self._channel.is_closed:
+            self.close()
+            try:
+                self._connection = pika.BlockingConnection(connection_parameters(heartbeat=self._heartbeat))
+                self._channel = self._connection.channel()
+                self._channel.confirm_delivery()
+                declare_topology(self._channel)
+            except CONNECTION_ERRORS as error:
+                self.close()
+                raise BrokerUnavailable(f"cannot connect to RabbitMQ: {error!r}") from error
+        return self._channel
+
+    def publish(
+        self,
+        *,
+        exchange: str,
+        routing_key: str,
+        body: bytes,
+        message_id: str | None = None,
+        correlation_id: str | None = None,
+        reply_to: str | None = None,
+        headers: dict | None = None,
+    ) -> None:
+        """Publish one persistent message and wait for the broker's confirm."""
+        properties = pika.BasicProperties(
+            content_type="application/json",
+            delivery_mode=pika.DeliveryMode.Persistent,
+            message_id=message_id or str(uuid.uuid4()),
+            correlation_id=correlation_id,
+            reply_to=reply_to,
+            headers=headers or None,
+            timestamp=int(time.time()),
+        )
+        channel = self._ensure()
+        try:
+            channel.basic_publish(exchange, routing_key, body, properties, mandatory=True)
+        except (pika.exceptions.UnroutableError, pika.exceptions.NackError) as error:
+            raise BrokerUnavailable(f"broker did not take the message: {error!r}") from error
+        except CONNECTION_ERRORS as error:
+            self.close()
+            raise BrokerUnavailable(f"lost RabbitMQ while publishing: {error!r}") from error
+
+    def consume(
+        self,
+        queue_name: str,
+        handle: Callable[[Delivery], None],
+        *,
+        prefetch: int,
+        should_stop: Callable[[], bool],
+        tick: Callable[[], None] = lambda: None,
+        tick_seconds: float = 0.2,
+    ) -> None:
+        """Deliver messages to `handle` until `should_stop()`; ack each after `handle` returns.
+
+        `handle` raising `RetryLater` puts the message back after a pause (an outage, not the
+        message's fault). `tick` runs between deliveries and at least every `tick_seconds`.
+        A lost connection is reopened with backoff; unacked messages come back by themselves.
+        """
+        backoff = Backoff()
+        while not should_stop():
+            try:
+                self._ensure()
+                consume_channel = self._connection.channel()
+                consume_channel.basic_qos(prefetch_count=prefetch)
+
+                def on_message(ch, method, properties, body):
+                    if should_stop():
+                        ch.basic_nack(method.delivery_tag, requeue=True)
+                        return
+                    delivery = Delivery(
+                        body=body,
+                        routing_key=method.routing_key,
+                        message_id=properties.message_id,
+                        correlation_id=properties.correlation_id,
+                        reply_to=properties.reply_to,
+                        redelivered=method.redelivered,
+                        headers=dict(properties.headers or {}),
+                    )
+                    try:
+                        handle(delivery)
+                    except RetryLater as error:
+                        log.warning("message put back: %s", error, extra={"queue": queue_name})
+                        ch.basic_nack(method.delivery_tag, requeue=True)
+                        time.sleep(error.pause)
+                        return
+                    ch.basic_ack(method.delivery_tag)
+
+                consume_channel.basic_consume(queue_name, on_message)
+                log.info("consuming", extra={"queue": queue_name, "prefetch": prefetch})
+                backoff.reset()
+                while not should_stop():
+                    self._connection.process_data_events(time_limit=tick_seconds)
+                    tick()
+                consume_channel.close()
+            except (BrokerUnavailable, *CONNECTION_ERRORS) as error:
+                self.close()
+                pause = backoff.next()
+                log.warning("RabbitMQ unavailable, retrying in %.1fs: %r", pause, error, extra={"queue": queue_name})
+                _sleep_unless(should_stop, pause, tick)
+
+    def close(self) -> None:
+        connection, self._connection, self._channel = self._connection, None, None
+        if connection is not None and connection.is_open:
+            try:
+                connection.close()
+            except CONNECTION_ERRORS:
+                pass
+
+
+class RetryLater(Exception):
+    def __init__(self, reason: str, *, pause: float = 1.0):
+        super().__init__(reason)
+        self.pause = pause
+
+
+class Backoff:
+    """Exponential backoff from 0.2 s up to 10 s."""
+
+    def __init__(self, first: float = 0.2, cap: float = 10.0):
+        self.first, self.cap, self.current = first, cap, first
+
+    def next(self) -> float:
+        pause, self.current = self.current, min(self.current * 2, self.cap)
+        return pause
+
+    def reset(self) -> None:
+        self.current = self.first
+
+
+def _sleep_unless(should_stop: Callable[[], bool], seconds: float, tick: Callable[[], None]) -> None:
+    end = time.monotonic() + seconds
+    while not should_stop() and time.monotonic() < end:
+        time.sleep(min(0.1, max(0.0, end - time.monotonic())))
+    try:
+        tick()
+    except Exception:  # the tick may need the broker too; it will run again after reconnecting
+        log.debug("tick failed while the broker was away", exc_info=True)
+
+
+class BrokerPool:
+    """Brokers shared by the web process's request threads; each is used by one thread at a time."""
+
+    def __init__(self, size: int = 8):
+        self._idle: queue.LifoQueue[Broker] = queue.LifoQueue(maxsize=size)
+
+    def publish(self, **message) -> None:
+        try:
+            broker = self._idle.get_nowait()
+        except queue.Empty:
+            broker = Broker(heartbeat=0)
+        try:
+            try:
+                broker.publish(**message)
+            except BrokerUnavailable:
+                broker.close()  # a stale pooled connection: one fresh try
+                broker.publish(**message)
+        except BrokerUnavailable:
+            broker.close()
+            raise
+        try:
+            self._idle.put_nowait(broker)
+        except queue.Full:
+            broker.close()
