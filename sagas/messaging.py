@@ -35,6 +35,10 @@ class BrokerUnavailable(Exception):
     """The broker could not be reached, or did not confirm a message."""
 
 
+class Unroutable(BrokerUnavailable):
+    """No queue took the message (e.g. a reply_to queue that is gone); sending it again will not help."""
+
+
 CONNECTION_ERRORS = (pika.exceptions.AMQPError, OSError)
 
 
@@ -125,7 +129,9 @@ class Broker:
         channel = self._ensure()
         try:
             channel.basic_publish(exchange, routing_key, body, properties, mandatory=True)
-        except (pika.exceptions.UnroutableError, pika.exceptions.NackError) as error:
+        except pika.exceptions.UnroutableError as error:
+            raise Unroutable(f"no queue for routing key {routing_key!r}: {error!r}") from error
+        except pika.exceptions.NackError as error:
             raise BrokerUnavailable(f"broker did not take the message: {error!r}") from error
         except CONNECTION_ERRORS as error:
             self.close()
@@ -173,6 +179,13 @@ class Broker:
                         log.warning("message put back: %s", error, extra={"queue": queue_name})
                         ch.basic_nack(method.delivery_tag, requeue=True)
                         time.sleep(error.pause)
+                        return
+                    except CONNECTION_ERRORS + (BrokerUnavailable,):
+                        raise
+                    except Exception:
+                        log.exception("message handler failed; message put back", extra={"queue": queue_name})
+                        ch.basic_nack(method.delivery_tag, requeue=True)
+                        time.sleep(1.0)
                         return
                     ch.basic_ack(method.delivery_tag)
 

@@ -1,0 +1,193 @@
+"""HTTP API (contract section 2): start an order saga, read a saga's status, liveness."""
+import hashlib
+import json
+import re
+import uuid
+
+from django.conf import settings
+from django.core.exceptions import RequestDataTooBig
+from django.db import DatabaseError
+from drf_spectacular.utils import OpenApiParameter, extend_schema, inline_serializer
+from rest_framework import exceptions, serializers, status, viewsets
+from rest_framework.parsers import JSONParser
+from rest_framework.decorators import action, api_view, authentication_classes, permission_classes
+from rest_framework.response import Response
+from rest_framework.views import exception_handler as drf_exception_handler
+
+from sagas import services
+from sagas.models import Saga
+
+IDEMPOTENCY_KEY = re.compile(r"^[\x20-\x7e]{1,255}$")
+
+
+class ServiceUnavailable(exceptions.APIException):
+    status_code = status.HTTP_503_SERVICE_UNAVAILABLE
+    default_detail = "The order could not be accepted safely right now; nothing was started. Try again shortly."
+    default_code = "unavailable"
+
+
+class PayloadTooLarge(exceptions.APIException):
+    status_code = status.HTTP_413_REQUEST_ENTITY_TOO_LARGE
+    default_detail = f"The request body is over {settings.DATA_UPLOAD_MAX_MEMORY_SIZE // 1024} KiB."
+    default_code = "too_large"
+
+
+class StrictString(serializers.CharField):
+    def to_internal_value(self, data):
+        if not isinstance(data, str):
+            self.fail("invalid")
+        return super().to_internal_value(data)
+
+
+class StrictInteger(serializers.IntegerField):
+    def to_internal_value(self, data):
+        if isinstance(data, bool) or not isinstance(data, int):
+            self.fail("invalid")
+        return super().to_internal_value(data)
+
+
+class ClosedSerializer(serializers.Serializer):
+    """Refuses fields it does not declare, naming them."""
+
+    def to_internal_value(self, data):
+        if not isinstance(data, dict):
+            raise serializers.ValidationError({"non_field_errors": ["Expected a JSON object."]})
+        unknown = sorted(set(data) - set(self.fields))
+        if unknown:
+            raise serializers.ValidationError({name: ["Unknown field."] for name in unknown})
+        return super().to_internal_value(data)
+
+
+class OrderItemSerializer(ClosedSerializer):
+    product_id = StrictString(max_length=64, allow_blank=False, trim_whitespace=False)
+    quantity = StrictInteger(min_value=1, max_value=10000)
+
+
+class CreateOrderSerializer(ClosedSerializer):
+    items = OrderItemSerializer(many=True, allow_empty=False, max_length=100)
+    currency = serializers.RegexField(r"^[A-Z]{3}$", required=False, default="EUR",
+                                      error_messages={"invalid": "Three upper-case letters, e.g. EUR."})
+    payment_method = StrictString(max_length=128, required=False, allow_null=True, default=None, trim_whitespace=False)
+
+    def validate_currency(self, value):
+        if not isinstance(self.initial_data.get("currency", "EUR"), str):
+            raise serializers.ValidationError("Three upper-case letters, e.g. EUR.")
+        return value
+
+    def validate_items(self, items):
+        seen = [item["product_id"] for item in items]
+        if len(seen) != len(set(seen)):
+            raise serializers.ValidationError("Each product_id may appear once.")
+        return items
+
+
+class StepSerializer(serializers.Serializer):
+    name = serializers.CharField()
+    status = serializers.CharField()
+    attempts = serializers.IntegerField()
+    compensation_attempts = serializers.IntegerField()
+
+
+class SagaSerializer(serializers.Serializer):
+    saga_id = serializers.UUIDField(source="id")
+    status = serializers.CharField()
+    user_id = serializers.CharField()
+    order_id = serializers.CharField(allow_null=True)
+    total = serializers.DecimalField(max_digits=14, decimal_places=2, allow_null=True, coerce_to_string=True)
+    currency = serializers.CharField()
+    failure_reason = serializers.CharField(allow_null=True)
+    current_step = serializers.CharField(allow_null=True)
+    steps = serializers.SerializerMethodField()
+    created_at = serializers.DateTimeField()
+    updated_at = serializers.DateTimeField()
+
+    def get_steps(self, saga) -> list[dict]:
+        return [
+            {key: step[key] for key in ("name", "status", "attempts", "compensation_attempts")}
+            for step in saga.state["steps"]
+        ]
+
+
+ACCEPTED = inline_serializer("SagaAccepted", {"saga_id": serializers.UUIDField(), "status": serializers.CharField(),
+                                              "status_url": serializers.CharField()})
+
+
+def _fingerprint(order: dict) -> str:
+    return hashlib.sha256(json.dumps(order, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+class AnyContentTypeJSONParser(JSONParser):
+    """Reads every body as JSON, so a body that is not a JSON object is a 400, whatever its Content-Type."""
+
+    media_type = "*/*"
+
+
+class OrderViewSet(viewsets.ViewSet):
+    parser_classes = [JSONParser, AnyContentTypeJSONParser]
+
+    @extend_schema(
+        request=CreateOrderSerializer,
+        parameters=[OpenApiParameter("Idempotency-Key", str, OpenApiParameter.HEADER, description="1..255 printable characters")],
+        responses={202: ACCEPTED, 200: ACCEPTED, 400: None, 401: None, 413: None, 422: None, 503: None},
+    )
+    @action(detail=False, methods=["post"], url_path="create_order")
+    def create_order(self, request):
+        """Start an order saga: reduce stock, take payment, create the order; undone in reverse on failure."""
+        try:
+            if len(request._request.body) > settings.DATA_UPLOAD_MAX_MEMORY_SIZE:
+                raise PayloadTooLarge()
+        except RequestDataTooBig:
+            raise PayloadTooLarge() from None
+        key = request.headers.get("Idempotency-Key")
+        if key is not None and not IDEMPOTENCY_KEY.match(key):
+            raise exceptions.ValidationError({"Idempotency-Key": ["1 to 255 printable ASCII characters."]})
+        order = CreateOrderSerializer(data=request.data)
+        order.is_valid(raise_exception=True)
+        order = {**order.validated_data, "items": [dict(item) for item in order.validated_data["items"]]}
+        try:
+            saga, created = services.start_order_saga(user_id=request.user.user_id, idempotency_key=key,
+                                                      fingerprint=_fingerprint(order), **order)
+        except services.IdempotencyConflict:
+            return Response({"Idempotency-Key": ["This key was used with a different request body."]},
+                            status=status.HTTP_422_UNPROCESSABLE_ENTITY)
+        except DatabaseError as error:
+            raise ServiceUnavailable() from error
+        status_url = f"/sagas/{saga.id}"
+        return Response(
+            {"saga_id": str(saga.id), "status": saga.status, "status_url": status_url},
+            status=status.HTTP_202_ACCEPTED if created else status.HTTP_200_OK,
+            headers={"Location": status_url},
+        )
+
+
+class SagaViewSet(viewsets.ViewSet):
+    lookup_value_regex = "[^/]+"
+
+    @extend_schema(responses={200: SagaSerializer, 401: None, 404: None, 503: None})
+    def retrieve(self, request, pk=None):
+        """A saga's status, to its owner or to staff; 404 to anyone else."""
+        try:
+            saga = Saga.objects.filter(pk=uuid.UUID(pk)).first()
+        except ValueError:
+            saga = None
+        except DatabaseError as error:
+            raise ServiceUnavailable() from error
+        caller = request.user
+        if saga is None or not (caller.is_staff or saga.user_id == caller.user_id):
+            raise exceptions.NotFound("No such saga.")
+        return Response(SagaSerializer(saga).data)
+
+
+@extend_schema(responses={200: inline_serializer("Liveness", {"status": serializers.CharField()})})
+@api_view(["GET"])
+@authentication_classes([])
+@permission_classes([])
+def liveness(request):
+    return Response({"status": "ok", "service": "order-orchestrator"})
+
+
+def exception_handler(error, context):
+    response = drf_exception_handler(error, context)
+    if response is not None and isinstance(error, exceptions.ValidationError) and isinstance(response.data, list):
+        response.data = {"non_field_errors": response.data}
+    return response

@@ -1,0 +1,328 @@
+"""The saga's rules as pure functions: (state, event, now) -> Decision(new state, messages).
+
+No I/O here. The store saves the decision's state and the outbox sends its messages; the
+consumer, the API and the admin all come through these functions.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+
+from sagas.flow import ORDER_SAGA, STEP_BY_COMMAND, StepDefinition, build_payload
+
+# saga status
+RUNNING, COMPENSATING, COMPLETED, COMPENSATED, FAILED = "running", "compensating", "completed", "compensated", "failed"
+TERMINAL = (COMPLETED, COMPENSATED, FAILED)
+# step status; UNKNOWN: we gave up waiting, so it may have happened and must be undone too
+PENDING, STEP_RUNNING, SUCCEEDED, STEP_FAILED, UNKNOWN = "pending", "running", "succeeded", "failed", "unknown"
+STEP_COMPENSATING, STEP_COMPENSATED = "compensating", "compensated"
+OWED = (SUCCEEDED, UNKNOWN, STEP_COMPENSATING)  # steps whose effect may still need undoing
+
+
+@dataclass(frozen=True)
+class Limits:
+    step_timeout: float
+    step_max_attempts: int
+    compensation_max_attempts: int
+
+
+@dataclass(frozen=True)
+class StepState:
+    name: str
+    status: str = PENDING
+    attempts: int = 0
+    compensation_attempts: int = 0
+    compensation_limit: int = 0
+    # we stopped waiting for the forward reply: a success may still arrive after the undo
+    outcome_unknown: bool = False
+
+
+@dataclass(frozen=True)
+class Awaiting:
+    command: str
+    attempt: int
+    sent_at: float
+    deadline: float
+    # a compensation answered `failure`: it is sent again at the deadline
+    answered: bool = False
+
+
+@dataclass(frozen=True)
+class SagaState:
+    saga_id: str
+    status: str
+    facts: dict
+    steps: tuple[StepState, ...]
+    awaiting: Awaiting | None = None
+    failure_reason: str | None = None
+    version: int = 0
+
+    def step(self, name: str) -> StepState:
+        return next(step for step in self.steps if step.name == name)
+
+    @property
+    def current_step(self) -> str | None:
+        return STEP_BY_COMMAND[self.awaiting.command].name if self.awaiting else None
+
+
+@dataclass(frozen=True)
+class Command:
+    saga_id: str
+    command: str
+    attempt: int
+    payload: dict
+
+    def body(self) -> dict:
+        return {"saga_id": self.saga_id, "command": self.command, "attempt": self.attempt, "payload": self.payload}
+
+
+@dataclass(frozen=True)
+class Event:
+    routing_key: str
+    body: dict
+
+
+@dataclass(frozen=True)
+class Reply:
+    command: str
+    attempt: int
+    status: str  # success | failure
+    reason: str | None = None
+    data: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Decision:
+    state: SagaState
+    messages: tuple[Command | Event, ...] = ()
+    # what happened, in words for the timeline; `changed` is False when the event was ignored
+    note: str = "applied"
+    changed: bool = True
+
+
+class ActionRefused(Exception):
+    """A staff action that the saga's state does not allow; the message says why."""
+
+
+def _definition(name: str) -> StepDefinition:
+    return next(step for step in ORDER_SAGA if step.name == name)
+
+
+def _with_step(state: SagaState, name: str, **changes) -> SagaState:
+    return replace(state, steps=tuple(replace(s, **changes) if s.name == name else s for s in state.steps))
+
+
+def _ignored(state: SagaState, note: str) -> Decision:
+    return Decision(state=state, note=note, changed=False)
+
+
+def _send_forward(state: SagaState, name: str, limits: Limits, now: float) -> tuple[SagaState, Command]:
+    definition, attempt = _definition(name), state.step(name).attempts + 1
+    state = _with_step(state, name, status=STEP_RUNNING, attempts=attempt)
+    state = replace(state, awaiting=Awaiting(definition.command, attempt, now, now + limits.step_timeout))
+    return state, Command(state.saga_id, definition.command, attempt, build_payload(definition.payload, state.facts))
+
+
+def _send_compensation(state: SagaState, name: str, limits: Limits, now: float) -> tuple[SagaState, Command]:
+    definition, step = _definition(name), state.step(name)
+    attempt = step.compensation_attempts + 1
+    limit = step.compensation_limit or limits.compensation_max_attempts
+    state = _with_step(state, name, status=STEP_COMPENSATING, compensation_attempts=attempt, compensation_limit=limit)
+    state = replace(state, awaiting=Awaiting(definition.compensation, attempt, now, now + limits.step_timeout))
+    payload = build_payload(definition.compensation_payload, state.facts)
+    return state, Command(state.saga_id, definition.compensation, attempt, payload)
+
+
+def terminal_event(state: SagaState) -> Event:
+    facts = state.facts
+    return Event(
+        routing_key=f"saga.{state.status}",
+        body={
+            "saga_id": state.saga_id,
+            "status": state.status,
+            "user_id": facts["user_id"],
+            "order_id": facts.get("order_id"),
+            "items": facts["items"],
+            "total": facts.get("amount"),
+            "currency": facts["currency"],
+            "failure_reason": state.failure_reason,
+        },
+    )
+
+
+def _finish(state: SagaState, status: str) -> Decision:
+    state = replace(state, status=status, awaiting=None)
+    return Decision(state=state, messages=(terminal_event(state),))
+
+
+def _compensate_next(state: SagaState, limits: Limits, now: float) -> Decision:
+    """Undo the latest step still owed, or end the saga `compensated` when nothing is owed."""
+    state = replace(state, status=COMPENSATING)
+    owed = [step for step in reversed(state.steps) if step.status in OWED]
+    if not owed:
+        return _finish(state, COMPENSATED)
+    state, command = _send_compensation(state, owed[0].name, limits, now)
+    return Decision(state=state, messages=(command,))
+
+
+def _advance(state: SagaState, limits: Limits, now: float) -> Decision:
+    pending = [step for step in state.steps if step.status == PENDING]
+    if not pending:
+        return _finish(state, COMPLETED)
+    state, command = _send_forward(state, pending[0].name, limits, now)
+    return Decision(state=state, messages=(command,))
+
+
+def start(*, saga_id: str, facts: dict, limits: Limits, now: float) -> Decision:
+    state = SagaState(saga_id=saga_id, status=RUNNING, facts=dict(facts), steps=tuple(StepState(s.name) for s in ORDER_SAGA))
+    return _advance(state, limits, now)
+
+
+def on_reply(state: SagaState, reply: Reply, *, limits: Limits, now: float) -> Decision:
+    definition = STEP_BY_COMMAND.get(reply.command)
+    if definition is None:
+        return _ignored(state, f"unknown command {reply.command}")
+    awaited = state.awaiting
+    if awaited is None or awaited.command != reply.command or awaited.attempt != reply.attempt:
+        return _late_reply(state, reply, definition)
+    if awaited.answered:
+        return _ignored(state, "duplicate reply")
+    if reply.command == definition.command:
+        return _forward_reply(state, reply, definition, limits, now)
+    return _compensation_reply(state, reply, definition, limits, now)
+
+
+def _late_reply(state: SagaState, reply: Reply, definition: StepDefinition) -> Decision:
+    step = state.step(definition.name)
+    late_success = reply.command == definition.command and reply.status == "success"
+    if late_success and step.outcome_unknown and step.status == STEP_COMPENSATED:
+        # The action happened after we gave up on it and undid it: undo it once more.
+        attempt = step.compensation_attempts + 1
+        state = _with_step(state, step.name, compensation_attempts=attempt, outcome_unknown=False)
+        payload = build_payload(definition.compensation_payload, state.facts)
+        command = Command(state.saga_id, definition.compensation, attempt, payload)
+        return Decision(state=state, messages=(command,), note="late success after compensation: compensation sent again")
+    if state.status in TERMINAL:
+        return _ignored(state, f"reply for a {state.status} saga")
+    return _ignored(state, "reply not awaited (duplicate or stale attempt)")
+
+
+def _forward_reply(state: SagaState, reply: Reply, definition: StepDefinition, limits: Limits, now: float) -> Decision:
+    if reply.status == "success":
+        facts = dict(state.facts)
+        for data_field, fact in definition.learns:
+            facts[fact] = reply.data[data_field]
+        state = _with_step(replace(state, facts=facts, awaiting=None), definition.name, status=SUCCEEDED)
+        return _advance(state, limits, now)
+    state = _with_step(state, definition.name, status=STEP_FAILED)
+    state = replace(state, failure_reason=reply.reason or f"{definition.name}_failed", awaiting=None)
+    return _compensate_next(state, limits, now)
+
+
+def _compensation_reply(state: SagaState, reply: Reply, definition: StepDefinition, limits: Limits, now: float) -> Decision:
+    step = state.step(definition.name)
+    if reply.status == "success":
+        state = _with_step(replace(state, awaiting=None), definition.name, status=STEP_COMPENSATED)
+        return _compensate_next(state, limits, now)
+    if step.compensation_attempts >= step.compensation_limit:
+        return _give_up_compensation(state, definition, reply.reason or "no reason given")
+    answered = replace(state.awaiting, answered=True)
+    return Decision(state=replace(state, awaiting=answered), note="compensation failed; sent again at its deadline")
+
+
+def _give_up_compensation(state: SagaState, definition: StepDefinition, why: str) -> Decision:
+    return _finish(replace(state, failure_reason=f"{definition.compensation} did not succeed: {why}"), FAILED)
+
+
+def on_timeout(state: SagaState, *, limits: Limits, now: float) -> Decision:
+    """Send the awaited command again, or give up on it, once its deadline has passed."""
+    awaited = state.awaiting
+    if awaited is None or now < awaited.deadline:
+        return _ignored(state, "no deadline passed")
+    definition = STEP_BY_COMMAND[awaited.command]
+    step = state.step(definition.name)
+    if awaited.command == definition.command:
+        if step.attempts < limits.step_max_attempts:
+            state, command = _send_forward(state, definition.name, limits, now)
+            return Decision(state=state, messages=(command,), note=f"no reply in time: {awaited.command} sent again")
+        state = _with_step(state, definition.name, status=UNKNOWN, outcome_unknown=True)
+        reason = f"{definition.name}_timed_out"
+        return _compensate_next(replace(state, awaiting=None, failure_reason=reason), limits, now)
+    if step.compensation_attempts < step.compensation_limit:
+        state, command = _send_compensation(state, definition.name, limits, now)
+        return Decision(state=state, messages=(command,), note=f"no success in time: {awaited.command} sent again")
+    return _give_up_compensation(state, definition, f"no success after {step.compensation_attempts} attempts")
+
+
+# Staff actions. Each refuses, with a sentence, what the saga's state does not allow.
+
+def compensate(state: SagaState, *, reason: str, limits: Limits, now: float) -> Decision:
+    if state.status == COMPENSATING:
+        raise ActionRefused("This saga is already being compensated.")
+    if state.status == COMPENSATED:
+        raise ActionRefused("Nothing is left to undo: every step of this saga is compensated.")
+    if state.status == FAILED:
+        return resume_compensation(state, limits=limits, now=now)
+    if state.awaiting is not None:  # a command is in flight: it may still take effect
+        state = _with_step(state, state.current_step, status=UNKNOWN, outcome_unknown=True)
+    state = replace(state, awaiting=None, failure_reason=f"compensated by staff: {reason}")
+    return _compensate_next(state, limits, now)
+
+
+def retry_now(state: SagaState, *, limits: Limits, now: float) -> Decision:
+    if state.awaiting is None:
+        raise ActionRefused(f"This saga is {state.status}: no command is awaited, so there is nothing to retry.")
+    return on_timeout(replace(state, awaiting=replace(state.awaiting, deadline=now)), limits=limits, now=now)
+
+
+def resume_compensation(state: SagaState, *, limits: Limits, now: float) -> Decision:
+    if state.status != FAILED:
+        raise ActionRefused(f"Only a failed saga can resume compensation; this one is {state.status}.")
+    stuck = next(step for step in reversed(state.steps) if step.status in OWED)
+    state = _with_step(state, stuck.name, compensation_limit=stuck.compensation_attempts + limits.compensation_max_attempts)
+    state, command = _send_compensation(replace(state, status=COMPENSATING), stuck.name, limits, now)
+    return Decision(state=state, messages=(command,))
+
+
+def mark_compensated(state: SagaState, *, step_name: str, limits: Limits, now: float) -> Decision:
+    if state.status not in (FAILED, COMPENSATING):
+        raise ActionRefused(f"Steps are marked compensated by hand only while a saga is compensating or failed; this one is {state.status}.")
+    if step_name not in {step.name for step in state.steps}:
+        raise ActionRefused(f"This saga has no step {step_name!r}.")
+    if state.step(step_name).status not in OWED:
+        raise ActionRefused(f"Step {step_name} is {state.step(step_name).status}: nothing of it is owed.")
+    if state.current_step == step_name:
+        state = replace(state, awaiting=None)
+    state = _with_step(state, step_name, status=STEP_COMPENSATED)
+    if state.awaiting is not None:
+        return Decision(state=state)
+    return _compensate_next(state, limits, now)
+
+
+def compensation_plan(state: SagaState) -> list[Command]:
+    """The compensations that `compensate` would send, in order, for a person to confirm."""
+    planned = state.steps if state.status != RUNNING else tuple(
+        replace(step, status=UNKNOWN) if step.name == state.current_step else step for step in state.steps
+    )
+    return [
+        Command(state.saga_id, _definition(step.name).compensation, step.compensation_attempts + 1,
+                build_payload(_definition(step.name).compensation_payload, state.facts))
+        for step in reversed(planned)
+        if step.status in OWED
+    ]
+
+
+def state_to_dict(state: SagaState) -> dict:
+    return asdict(state)
+
+
+def state_from_dict(data: dict) -> SagaState:
+    awaiting = data.get("awaiting")
+    return SagaState(
+        saga_id=data["saga_id"],
+        status=data["status"],
+        facts=data["facts"],
+        steps=tuple(StepState(**step) for step in data["steps"]),
+        awaiting=Awaiting(**awaiting) if awaiting else None,
+        failure_reason=data.get("failure_reason"),
+        version=data.get("version", 0),
+    )

@@ -1,0 +1,59 @@
+"""The order saga, declared as data: its steps in order, the command that does each one, the
+command that undoes it, what each command carries, and what each success reply teaches us.
+
+A payload is a selection of the saga's facts (user_id, items, currency, payment_method, and
+`amount` / `order_id` once the participants have told us). A new saga type is a new tuple.
+"""
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class StepDefinition:
+    name: str
+    command: str
+    compensation: str
+    payload: tuple[str, ...]
+    compensation_payload: tuple[str, ...]
+    # reply `data` field -> saga fact; each is required in a success reply
+    learns: tuple[tuple[str, str], ...] = ()
+
+
+ORDER_SAGA: tuple[StepDefinition, ...] = (
+    StepDefinition(
+        name="reduce_stock",
+        command="stock.reduce",
+        compensation="stock.restore",
+        payload=("items",),
+        compensation_payload=("items",),
+        learns=(("total", "amount"),),
+    ),
+    StepDefinition(
+        name="take_payment",
+        command="payment.take",
+        compensation="payment.refund",
+        payload=("user_id", "amount", "currency", "payment_method"),
+        compensation_payload=("user_id", "amount", "currency", "payment_method"),
+    ),
+    StepDefinition(
+        name="create_order",
+        command="order.create",
+        compensation="order.cancel",
+        payload=("user_id", "items", "amount", "currency"),
+        # order_id is added only when known (the contract: "plus order_id when one is known")
+        compensation_payload=("user_id", "items", "amount", "currency", "order_id?"),
+        learns=(("order_id", "order_id"),),
+    ),
+)
+
+STEP_BY_COMMAND = {command: step for step in ORDER_SAGA for command in (step.command, step.compensation)}
+
+
+def build_payload(fields: tuple[str, ...], facts: dict) -> dict:
+    payload = {}
+    for field in fields:
+        optional = field.endswith("?")
+        name = field.rstrip("?")
+        if optional and facts.get(name) is None:
+            continue
+        payload[name] = facts.get(name)
+    return payload

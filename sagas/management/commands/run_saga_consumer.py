@@ -1,0 +1,19 @@
+import signal
+
+from django.core.management.base import BaseCommand
+
+from sagas.consumer import SagaConsumer
+from sagas.messaging import Broker
+
+
+class Command(BaseCommand):
+    help = "Consume participants' replies from saga.replies and drive the sagas (resends, compensations, events)."
+
+    def add_arguments(self, parser):
+        parser.add_argument("--prefetch", type=int, default=50, help="unacked replies held at once")
+
+    def handle(self, *args, prefetch: int, **options):
+        consumer = SagaConsumer(Broker(), prefetch=prefetch)
+        signal.signal(signal.SIGTERM, consumer.stop)
+        signal.signal(signal.SIGINT, consumer.stop)
+        consumer.run()

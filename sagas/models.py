@@ -1,0 +1,139 @@
+"""The database mirror of every saga: its row, its steps, its timeline, and the outbox of
+messages that its transitions decided to send. Rows change only through sagas.services."""
+import uuid
+
+from django.db import models
+from django.db.models import Q
+
+
+class Saga(models.Model):
+    class Status(models.TextChoices):
+        RUNNING = "running"
+        COMPENSATING = "compensating"
+        COMPLETED = "completed"
+        COMPENSATED = "compensated"
+        FAILED = "failed"
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.RUNNING)
+    current_step = models.CharField(max_length=32, null=True, blank=True)
+    user_id = models.CharField(max_length=128)
+    order_id = models.CharField(max_length=128, null=True, blank=True)
+    total = models.DecimalField(max_digits=14, decimal_places=2, null=True, blank=True)
+    currency = models.CharField(max_length=3)
+    items = models.JSONField()
+    payment_method = models.CharField(max_length=128, null=True, blank=True)
+    failure_reason = models.TextField(null=True, blank=True)
+    # the engine's whole state, so a saga Redis has lost is rebuilt from here
+    state = models.JSONField()
+    version = models.PositiveIntegerField(default=1)
+    deadline = models.DateTimeField(null=True, blank=True)
+    idempotency_key = models.CharField(max_length=255, null=True, blank=True)
+    request_fingerprint = models.CharField(max_length=64, blank=True, default="")
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["user_id", "idempotency_key"],
+                condition=Q(idempotency_key__isnull=False),
+                name="saga_idempotency_key_per_user",
+            )
+        ]
+        indexes = [
+            models.Index(fields=["deadline"], condition=Q(deadline__isnull=False), name="saga_due"),
+            models.Index(fields=["status", "-created_at"], name="saga_status_age"),
+            models.Index(fields=["current_step", "-created_at"], name="saga_step_age"),
+            models.Index(fields=["user_id"], name="saga_user"),
+            models.Index(fields=["order_id"], name="saga_order"),
+            models.Index(fields=["-created_at"], name="saga_age"),
+            models.Index(fields=["-updated_at"], name="saga_last_change"),
+        ]
+        permissions = [
+            ("compensate_saga", "Can compensate a saga"),
+            ("retry_saga", "Can resend a saga's awaited command now"),
+            ("resume_saga", "Can resume the compensation of a failed saga"),
+            ("mark_step_compensated", "Can mark a saga step compensated by hand"),
+        ]
+
+    def __str__(self) -> str:
+        return f"saga {self.id} ({self.status})"
+
+
+class SagaStep(models.Model):
+    saga = models.ForeignKey(Saga, on_delete=models.CASCADE, related_name="steps")
+    position = models.PositiveSmallIntegerField()
+    name = models.CharField(max_length=32)
+    status = models.CharField(max_length=16)
+    attempts = models.PositiveIntegerField(default=0)
+    compensation_attempts = models.PositiveIntegerField(default=0)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["saga", "position"]
+        constraints = [models.UniqueConstraint(fields=["saga", "name"], name="saga_step_once")]
+
+    def __str__(self) -> str:
+        return f"{self.name}: {self.status}"
+
+
+class TimelineEntry(models.Model):
+    class Kind(models.TextChoices):
+        STARTED = "started"
+        COMMAND = "command", "command sent"
+        REPLY = "reply", "reply received"
+        TIMEOUT = "timeout", "deadline passed"
+        STAFF = "staff", "staff action"
+        EVENT = "event", "event published"
+        DEAD_LETTER = "dead_letter", "dead-lettered"
+
+    saga = models.ForeignKey(Saga, on_delete=models.CASCADE, related_name="timeline")
+    at = models.DateTimeField()
+    kind = models.CharField(max_length=16, choices=Kind.choices)
+    command = models.CharField(max_length=32, blank=True, default="")
+    attempt = models.PositiveIntegerField(null=True, blank=True)
+    status = models.CharField(max_length=16, blank=True, default="")
+    reason = models.TextField(blank=True, default="")
+    # what the engine made of it: applied, or why it was ignored
+    note = models.TextField(blank=True, default="")
+    applied = models.BooleanField(default=True)
+    message_id = models.CharField(max_length=255, blank=True, default="")
+    redelivered = models.BooleanField(default=False)
+    duration_ms = models.PositiveIntegerField(null=True, blank=True)
+    actor = models.CharField(max_length=150, blank=True, default="")
+    body = models.JSONField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["saga", "at", "id"]
+        verbose_name_plural = "timeline entries"
+        constraints = [
+            # the inbox: a reply takes effect once, even if redelivered after Redis lost the saga
+            models.UniqueConstraint(
+                fields=["saga", "command", "attempt"],
+                condition=Q(kind="reply", applied=True),
+                name="reply_applied_once",
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.command} #{self.attempt}"
+
+
+class OutboxMessage(models.Model):
+    """A message a committed transition decided to send; `sent_at` is set once the broker confirmed it."""
+
+    saga = models.ForeignKey(Saga, on_delete=models.CASCADE, related_name="outbox")
+    exchange = models.CharField(max_length=64)
+    routing_key = models.CharField(max_length=64)
+    message_id = models.UUIDField(default=uuid.uuid4, unique=True)
+    body = models.JSONField()
+    created_at = models.DateTimeField(auto_now_add=True)
+    sent_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        indexes = [models.Index(fields=["created_at"], condition=Q(sent_at__isnull=True), name="outbox_unsent")]
+
+    def __str__(self) -> str:
+        return f"{self.routing_key} for {self.saga_id}"

@@ -1,0 +1,62 @@
+"""Reading a participant's reply off the bus: the contract's shape, or a reason to set it aside."""
+import json
+import uuid
+from decimal import Decimal, InvalidOperation
+
+from sagas.engine import Reply
+from sagas.flow import STEP_BY_COMMAND
+
+MAX_REPLY_BYTES = 64 * 1024
+
+
+class PoisonMessage(Exception):
+    """A reply that can never be processed; the message says why."""
+
+
+def parse_reply(body: bytes) -> tuple[str, Reply]:
+    if len(body) > MAX_REPLY_BYTES:
+        raise PoisonMessage(f"body of {len(body)} bytes is over the {MAX_REPLY_BYTES} byte limit")
+    try:
+        message = json.loads(body)
+    except (UnicodeDecodeError, ValueError) as error:
+        raise PoisonMessage(f"not valid UTF-8 JSON: {error}") from None
+    if not isinstance(message, dict):
+        raise PoisonMessage("not a JSON object")
+    saga_id, command, attempt = message.get("saga_id"), message.get("command"), message.get("attempt")
+    status, reason, data = message.get("status"), message.get("reason"), message.get("data")
+    try:
+        saga_id = str(uuid.UUID(saga_id))
+    except (TypeError, ValueError, AttributeError):
+        raise PoisonMessage("saga_id is not a UUID string") from None
+    if command not in STEP_BY_COMMAND:
+        raise PoisonMessage(f"unknown command {command!r}")
+    if isinstance(attempt, bool) or not isinstance(attempt, int) or attempt < 1:
+        raise PoisonMessage("attempt is not a positive integer")
+    if status not in ("success", "failure"):
+        raise PoisonMessage("status is neither 'success' nor 'failure'")
+    if reason is not None and not isinstance(reason, str):
+        raise PoisonMessage("reason is neither null nor a string")
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise PoisonMessage("data is neither null nor an object")
+    if status == "success":
+        data = _required_data(command, data)
+    return saga_id, Reply(command=command, attempt=attempt, status=status, reason=reason, data=data)
+
+
+def _required_data(command: str, data: dict) -> dict:
+    if command == "stock.reduce":
+        total = data.get("total")
+        try:
+            if isinstance(total, bool) or not isinstance(total, (str, int, float)) or not Decimal(str(total)).is_finite():
+                raise InvalidOperation
+        except InvalidOperation:
+            raise PoisonMessage("stock.reduce success without a decimal data.total") from None
+        return {**data, "total": f"{Decimal(str(total)):.2f}"}
+    if command == "order.create":
+        order_id = data.get("order_id")
+        if isinstance(order_id, bool) or not isinstance(order_id, (str, int)) or str(order_id) == "":
+            raise PoisonMessage("order.create success without data.order_id")
+        return {**data, "order_id": str(order_id)}
+    return data

@@ -1,0 +1,288 @@
+"""Every change of a saga goes through these functions: the API, the consumer and the admin
+call them, and none of them edits saga rows directly.
+
+A change is: read the state (Redis, else the database), let the pure engine decide, then in one
+database transaction compare-and-set the saga's version, mirror its steps, append the timeline
+and the outbox rows. Whoever loses the compare-and-set re-reads from the database and decides
+again. After the commit the state goes to Redis, the outbox rows to the broker, and a progress
+notice to the live pages.
+"""
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from datetime import datetime, timezone as dt_timezone
+from decimal import Decimal
+
+from django.conf import settings
+from django.db import IntegrityError, transaction
+
+from sagas import engine, live, outbox, store
+from sagas.engine import Decision, Limits, Reply, SagaState
+from sagas.models import Saga, SagaStep, TimelineEntry
+
+log = logging.getLogger(__name__)
+
+
+class SagaNotFound(Exception):
+    pass
+
+
+class IdempotencyConflict(Exception):
+    """The Idempotency-Key was used before with a different request body."""
+
+
+class ConcurrentChange(Exception):
+    """Others kept changing the saga while we tried; the caller may try again later."""
+
+
+@dataclass(frozen=True)
+class Cause:
+    """What asked for a change, as the timeline will show it."""
+
+    kind: str
+    command: str = ""
+    attempt: int | None = None
+    status: str = ""
+    reason: str = ""
+    message_id: str = ""
+    redelivered: bool = False
+    actor: str = ""
+    body: dict | None = None
+
+
+def saga_limits() -> Limits:
+    return Limits(
+        step_timeout=settings.SAGA_STEP_TIMEOUT_SECONDS,
+        step_max_attempts=settings.SAGA_STEP_MAX_ATTEMPTS,
+        compensation_max_attempts=settings.SAGA_COMPENSATION_MAX_ATTEMPTS,
+    )
+
+
+def _moment(epoch: float | None) -> datetime | None:
+    return None if epoch is None else datetime.fromtimestamp(epoch, tz=dt_timezone.utc)
+
+
+def _row_fields(state: SagaState) -> dict:
+    facts = state.facts
+    return {
+        "status": state.status,
+        "current_step": state.current_step,
+        "order_id": facts.get("order_id"),
+        "total": Decimal(facts["amount"]) if facts.get("amount") is not None else None,
+        "failure_reason": state.failure_reason,
+        "state": engine.state_to_dict(state),
+        "version": state.version,
+        "deadline": _moment(state.awaiting.deadline) if state.awaiting else None,
+    }
+
+
+def _timeline(saga_id: str, cause: Cause, decision: Decision, before: SagaState | None, now: float) -> list[TimelineEntry]:
+    at = _moment(now)
+    duration = None
+    if cause.kind == TimelineEntry.Kind.REPLY and before and before.awaiting and before.awaiting.command == cause.command:
+        duration = max(0, int((now - before.awaiting.sent_at) * 1000))
+    entries = [
+        TimelineEntry(
+            saga_id=saga_id, at=at, kind=cause.kind, command=cause.command, attempt=cause.attempt,
+            status=cause.status, reason=cause.reason, note=decision.note, applied=decision.changed,
+            message_id=cause.message_id, redelivered=cause.redelivered, duration_ms=duration,
+            actor=cause.actor, body=cause.body,
+        )
+    ]
+    for message in decision.messages:
+        if isinstance(message, engine.Command):
+            entries.append(TimelineEntry(saga_id=saga_id, at=at, kind=TimelineEntry.Kind.COMMAND, command=message.command,
+                                         attempt=message.attempt, body=message.body()))
+        else:
+            entries.append(TimelineEntry(saga_id=saga_id, at=at, kind=TimelineEntry.Kind.EVENT,
+                                         command=message.routing_key, body=message.body))
+    return entries
+
+
+def _after_commit(state: SagaState, rows: list) -> None:
+    store.write_state(state)
+    if rows:
+        outbox.publish(rows)
+    live.saga_changed(state)
+
+
+def _log_decision(cause: Cause, decision: Decision) -> None:
+    state = decision.state
+    log.info(
+        decision.note,
+        extra={"saga_id": state.saga_id, "cause": cause.kind, "command": cause.command or None, "attempt": cause.attempt,
+               "status": state.status, "step": state.current_step, "version": state.version,
+               "sends": ",".join(getattr(m, "command", getattr(m, "routing_key", "")) for m in decision.messages) or None},
+    )
+
+
+def start_order_saga(
+    *, user_id: str, items: list[dict], currency: str, payment_method: str | None,
+    idempotency_key: str | None = None, fingerprint: str = "",
+) -> tuple[Saga, bool]:
+    """Accept an order: the saga row and its first command are committed together.
+    Returns the saga and whether it is new (False: the Idempotency-Key was seen before)."""
+    if idempotency_key:
+        existing = _replayed(user_id, idempotency_key, fingerprint)
+        if existing:
+            return existing, False
+    saga_id, now = str(uuid.uuid4()), time.time()
+    facts = {"user_id": user_id, "items": items, "currency": currency, "payment_method": payment_method}
+    decision = engine.start(saga_id=saga_id, facts=facts, limits=saga_limits(), now=now)
+    state = replace(decision.state, version=1)
+    decision = replace(decision, state=state, note="order accepted")
+    cause = Cause(kind=TimelineEntry.Kind.STARTED, actor=user_id, body={"items": items, "currency": currency})
+    rows = [outbox.outbox_row(saga_id, message) for message in decision.messages]
+    try:
+        with transaction.atomic():
+            saga = Saga.objects.create(
+                id=saga_id, user_id=user_id, currency=currency, items=items, payment_method=payment_method,
+                idempotency_key=idempotency_key, request_fingerprint=fingerprint, **_row_fields(state),
+            )
+            SagaStep.objects.bulk_create(
+                SagaStep(saga=saga, position=i, name=step.name, status=step.status, attempts=step.attempts)
+                for i, step in enumerate(state.steps)
+            )
+            TimelineEntry.objects.bulk_create(_timeline(saga_id, cause, decision, None, now))
+            rows = outbox.OutboxMessage.objects.bulk_create(rows)
+    except IntegrityError:
+        existing = idempotency_key and _replayed(user_id, idempotency_key, fingerprint)
+        if existing:
+            return existing, False
+        raise
+    _log_decision(cause, decision)
+    _after_commit(state, rows)
+    return saga, True
+
+
+def _replayed(user_id: str, idempotency_key: str, fingerprint: str) -> Saga | None:
+    existing = Saga.objects.filter(user_id=user_id, idempotency_key=idempotency_key).first()
+    if existing and existing.request_fingerprint != fingerprint:
+        raise IdempotencyConflict(idempotency_key)
+    return existing
+
+
+def load_saga_state(saga_id: str, *, from_database: bool = False) -> SagaState:
+    """The saga's live state: from Redis, or rebuilt from the database mirror (and put back)."""
+    state = None if from_database else store.read_state(saga_id)
+    if state is None:
+        row = Saga.objects.filter(pk=saga_id).values("state", "version").first()
+        if row is None:
+            raise SagaNotFound(saga_id)
+        state = replace(engine.state_from_dict(row["state"]), version=row["version"])
+        if not from_database:
+            log.info("saga rebuilt from the database", extra={"saga_id": saga_id, "version": state.version})
+        store.write_state(state)
+    return state
+
+
+def _transition(saga_id: str, decide: Callable[[SagaState], Decision], cause: Cause, *, record_ignored: bool = True) -> Decision:
+    from_database = False
+    for _ in range(8):
+        before = load_saga_state(saga_id, from_database=from_database)
+        now = time.time()
+        decision = _ignored(before, "duplicate reply: already applied") if _in_inbox(saga_id, cause) else decide(before, now)
+        if not decision.changed:
+            if record_ignored:
+                TimelineEntry.objects.bulk_create(_timeline(saga_id, cause, decision, before, now))
+                _log_decision(cause, decision)
+            return decision
+        state = replace(decision.state, version=before.version + 1)
+        decision = replace(decision, state=state)
+        rows = [outbox.outbox_row(saga_id, message) for message in decision.messages]
+        try:
+            with transaction.atomic():
+                if Saga.objects.filter(pk=saga_id, version=before.version).update(**_row_fields(state)) != 1:
+                    raise _Lost()
+                for position, (old, new) in enumerate(zip(before.steps, state.steps)):
+                    if old != new:
+                        SagaStep.objects.filter(saga_id=saga_id, name=new.name).update(
+                            status=new.status, attempts=new.attempts, compensation_attempts=new.compensation_attempts)
+                TimelineEntry.objects.bulk_create(_timeline(saga_id, cause, decision, before, now))
+                rows = outbox.OutboxMessage.objects.bulk_create(rows)
+        except (_Lost, IntegrityError):
+            from_database = True  # someone else moved the saga, or Redis was behind: decide again
+            continue
+        _log_decision(cause, decision)
+        _after_commit(state, rows)
+        return decision
+    raise ConcurrentChange(saga_id)
+
+
+class _Lost(Exception):
+    pass
+
+
+def _ignored(state: SagaState, note: str) -> Decision:
+    return Decision(state=state, note=note, changed=False)
+
+
+def _in_inbox(saga_id: str, cause: Cause) -> bool:
+    """Was this reply applied before? (A redelivery after a crash, or after Redis lost the saga.)"""
+    return cause.kind == TimelineEntry.Kind.REPLY and TimelineEntry.objects.filter(
+        saga_id=saga_id, kind=TimelineEntry.Kind.REPLY, applied=True, command=cause.command, attempt=cause.attempt
+    ).exists()
+
+
+def handle_reply(*, saga_id: str, reply: Reply, message_id: str = "", redelivered: bool = False) -> Decision:
+    cause = Cause(kind=TimelineEntry.Kind.REPLY, command=reply.command, attempt=reply.attempt, status=reply.status,
+                  reason=reply.reason or "", message_id=message_id, redelivered=redelivered,
+                  body={"data": reply.data} if reply.data else None)
+    return _transition(saga_id, lambda state, now: engine.on_reply(state, reply, limits=saga_limits(), now=now), cause)
+
+
+def handle_timeout(*, saga_id: str) -> Decision:
+    return _transition(saga_id, lambda state, now: engine.on_timeout(state, limits=saga_limits(), now=now),
+                       Cause(kind=TimelineEntry.Kind.TIMEOUT), record_ignored=False)
+
+
+def handle_due_timeouts(*, limit: int = 200) -> int:
+    """Act on every saga whose awaited reply is overdue. Safe with several consumers at once:
+    the compare-and-set lets one of them act, the others find the deadline already moved."""
+    due = Saga.objects.filter(deadline__lte=_moment(time.time())).order_by("deadline").values_list("pk", flat=True)[:limit]
+    acted = 0
+    for saga_id in due:
+        acted += handle_timeout(saga_id=str(saga_id)).changed
+    return acted
+
+
+def _staff_action(saga_id: str, action: str, decide, *, actor: str, reason: str) -> Decision:
+    cause = Cause(kind=TimelineEntry.Kind.STAFF, actor=actor, reason=reason, body={"action": action})
+    return _transition(saga_id, decide, replace(cause, status=action), record_ignored=False)
+
+
+def compensate_saga(*, saga_id: str, actor: str, reason: str) -> Decision:
+    return _staff_action(saga_id, "compensate", lambda s, now: engine.compensate(s, reason=reason, limits=saga_limits(), now=now),
+                         actor=actor, reason=reason)
+
+
+def retry_saga_step(*, saga_id: str, actor: str, reason: str) -> Decision:
+    return _staff_action(saga_id, "retry", lambda s, now: engine.retry_now(s, limits=saga_limits(), now=now),
+                         actor=actor, reason=reason)
+
+
+def resume_saga_compensation(*, saga_id: str, actor: str, reason: str) -> Decision:
+    return _staff_action(saga_id, "resume", lambda s, now: engine.resume_compensation(s, limits=saga_limits(), now=now),
+                         actor=actor, reason=reason)
+
+
+def mark_step_compensated(*, saga_id: str, step_name: str, actor: str, reason: str) -> Decision:
+    return _staff_action(saga_id, f"mark {step_name} compensated",
+                         lambda s, now: engine.mark_compensated(s, step_name=step_name, limits=saga_limits(), now=now),
+                         actor=actor, reason=reason)
+
+
+def record_dead_letter(*, saga_id: str | None, reason: str, message_id: str) -> None:
+    """Put a dead-lettered reply on its saga's timeline, when it names a saga we know."""
+    try:
+        known = saga_id and Saga.objects.filter(pk=uuid.UUID(saga_id)).exists()
+    except ValueError:
+        known = False
+    if known:
+        TimelineEntry.objects.create(saga_id=saga_id, at=_moment(time.time()), kind=TimelineEntry.Kind.DEAD_LETTER,
+                                     reason=reason, note="set aside in the dead-letter queue", applied=False,
+                                     message_id=message_id)

@@ -1,0 +1,8 @@
+"""Test settings: the production settings, on PostgreSQL and a Redis database of their own."""
+import os
+
+os.environ.setdefault("DJANGO_SECRET_KEY", "tests-only-not-secret")
+os.environ.setdefault("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/orchestrator")
+os.environ.setdefault("REDIS_DB", "1")
+
+from orchestration_site.settings import *  # noqa: E402,F401,F403

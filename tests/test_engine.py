@@ -1,0 +1,214 @@
+"""The saga's pure rules: no broker, no database, no Redis."""
+from dataclasses import replace
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from sagas import engine
+from sagas.engine import ActionRefused, Command, Event, Limits, Reply
+from sagas.flow import ORDER_SAGA
+
+LIMITS = Limits(step_timeout=10.0, step_max_attempts=3, compensation_max_attempts=4)
+FACTS = {"user_id": "alice", "items": [{"product_id": "sku-1", "quantity": 2}], "currency": "EUR", "payment_method": "pm-1"}
+SUCCESS_DATA = {"stock.reduce": {"total": "19.98"}, "order.create": {"order_id": "o-1"}}
+
+
+def started():
+    return engine.start(saga_id="s-1", facts=FACTS, limits=LIMITS, now=0.0)
+
+
+def succeed(decision, now=1.0):
+    awaited = decision.state.awaiting
+    reply = Reply(awaited.command, awaited.attempt, "success", data=SUCCESS_DATA.get(awaited.command, {}))
+    return engine.on_reply(decision.state, reply, limits=LIMITS, now=now)
+
+
+def fail(decision, reason="nope", now=1.0):
+    awaited = decision.state.awaiting
+    return engine.on_reply(decision.state, Reply(awaited.command, awaited.attempt, "failure", reason), limits=LIMITS, now=now)
+
+
+def sent(decision):
+    return [(m.command, m.attempt) for m in decision.messages if isinstance(m, Command)]
+
+
+def test_happy_path_runs_the_steps_in_order_and_completes():
+    decision = started()
+    assert sent(decision) == [("stock.reduce", 1)]
+    decision = succeed(decision)
+    assert sent(decision) == [("payment.take", 1)]
+    assert decision.messages[0].payload == {"user_id": "alice", "amount": "19.98", "currency": "EUR", "payment_method": "pm-1"}
+    decision = succeed(decision)
+    assert decision.messages[0].payload["amount"] == "19.98"
+    decision = succeed(decision)
+    assert decision.state.status == engine.COMPLETED
+    (event,) = decision.messages
+    assert event.routing_key == "saga.completed"
+    assert event.body["order_id"] == "o-1" and event.body["total"] == "19.98"
+
+
+def test_failure_at_the_last_step_undoes_the_earlier_ones_in_reverse():
+    decision = succeed(succeed(started()))
+    decision = fail(decision, "order_rejected")
+    assert decision.state.status == engine.COMPENSATING
+    assert sent(decision) == [("payment.refund", 1)]
+    decision = succeed(decision)
+    assert sent(decision) == [("stock.restore", 1)]
+    decision = succeed(decision)
+    assert decision.state.status == engine.COMPENSATED
+    assert decision.messages[0].body["failure_reason"] == "order_rejected"
+
+
+def test_failure_at_the_first_step_has_nothing_to_undo():
+    decision = fail(started(), "out_of_stock")
+    assert decision.state.status == engine.COMPENSATED
+    assert [m.routing_key for m in decision.messages] == ["saga.compensated"]
+
+
+def test_timeout_resends_then_gives_up_and_compensates_the_unknown_step_too():
+    decision = succeed(started())
+    for attempt in (2, 3):
+        decision = engine.on_timeout(decision.state, limits=LIMITS, now=decision.state.awaiting.deadline)
+        assert sent(decision) == [("payment.take", attempt)]
+    decision = engine.on_timeout(decision.state, limits=LIMITS, now=decision.state.awaiting.deadline)
+    assert decision.state.failure_reason == "take_payment_timed_out"
+    assert sent(decision) == [("payment.refund", 1)]
+
+
+def test_timeout_before_the_deadline_changes_nothing():
+    decision = started()
+    assert not engine.on_timeout(decision.state, limits=LIMITS, now=9.9).changed
+
+
+def test_duplicate_and_stale_replies_change_nothing():
+    decision = succeed(started())
+    state = decision.state
+    assert not engine.on_reply(state, Reply("stock.reduce", 1, "success", data={"total": "1"}), limits=LIMITS, now=2).changed
+    assert not engine.on_reply(state, Reply("payment.take", 7, "success"), limits=LIMITS, now=2).changed
+    assert not engine.on_reply(state, Reply("order.create", 1, "success", data={"order_id": "x"}), limits=LIMITS, now=2).changed
+
+
+def test_compensation_failure_is_retried_at_its_deadline_then_the_saga_fails():
+    decision = fail(succeed(started()))
+    for attempt in range(2, LIMITS.compensation_max_attempts + 1):
+        decision = fail(decision)
+        assert decision.messages == ()
+        decision = engine.on_timeout(decision.state, limits=LIMITS, now=decision.state.awaiting.deadline)
+        assert sent(decision) == [("stock.restore", attempt)]
+    decision = fail(decision, "warehouse_offline")
+    assert decision.state.status == engine.FAILED
+    assert "warehouse_offline" in decision.state.failure_reason
+
+
+def test_late_success_after_the_step_was_compensated_sends_the_compensation_again():
+    decision = started()
+    for _ in range(LIMITS.step_max_attempts):
+        decision = engine.on_timeout(decision.state, limits=LIMITS, now=decision.state.awaiting.deadline)
+    decision = succeed(decision)  # stock.restore succeeded
+    assert decision.state.status == engine.COMPENSATED
+    late = engine.on_reply(decision.state, Reply("stock.reduce", 2, "success", data={"total": "5"}), limits=LIMITS, now=99)
+    assert late.changed and late.state.status == engine.COMPENSATED
+    assert sent(late) == [("stock.restore", 2)]
+    again = engine.on_reply(late.state, Reply("stock.reduce", 3, "success", data={"total": "5"}), limits=LIMITS, now=100)
+    assert not again.changed
+
+
+def test_staff_compensate_of_a_running_saga_undoes_the_step_in_flight():
+    decision = succeed(started())
+    plan = engine.compensation_plan(decision.state)
+    assert [c.command for c in plan] == ["payment.refund", "stock.restore"]
+    decision = engine.compensate(decision.state, reason="customer called", limits=LIMITS, now=2)
+    assert sent(decision) == [("payment.refund", 1)]
+    with pytest.raises(ActionRefused, match="already being compensated"):
+        engine.compensate(decision.state, reason="again", limits=LIMITS, now=3)
+
+
+def test_staff_compensate_of_a_completed_saga_undoes_every_step():
+    decision = succeed(succeed(succeed(started())))
+    decision = engine.compensate(decision.state, reason="refund", limits=LIMITS, now=5)
+    assert sent(decision) == [("order.cancel", 1)]
+    assert decision.messages[0].payload["order_id"] == "o-1"
+
+
+def test_failed_saga_resumes_or_is_marked_compensated_by_hand():
+    decision = fail(succeed(succeed(started())))
+    decision = replace(decision, state=replace(decision.state, status=engine.FAILED, awaiting=None))
+    resumed = engine.resume_compensation(decision.state, limits=LIMITS, now=10)
+    assert sent(resumed) == [("payment.refund", 2)]
+    marked = engine.mark_compensated(decision.state, step_name="take_payment", limits=LIMITS, now=10)
+    assert sent(marked) == [("stock.restore", 1)]
+    with pytest.raises(ActionRefused, match="nothing of it is owed"):
+        engine.mark_compensated(decision.state, step_name="create_order", limits=LIMITS, now=10)
+
+
+def test_retry_now_is_refused_when_nothing_is_awaited():
+    decision = fail(started())
+    with pytest.raises(ActionRefused, match="nothing to retry"):
+        engine.retry_now(decision.state, limits=LIMITS, now=1)
+
+
+def test_state_survives_a_round_trip_through_json():
+    state = succeed(started()).state
+    assert engine.state_from_dict(engine.state_to_dict(state)) == state
+
+
+# Property: whatever replies, duplicates, stale replies and timeouts arrive, in any order, the
+# saga ends terminal, and the compensations it sent mirror its succeeded steps in reverse.
+
+event_kinds = st.sampled_from(["success", "failure", "timeout", "duplicate", "stale"])
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(event_kinds, max_size=40))
+def test_any_sequence_of_events_ends_terminal_with_mirrored_compensations(kinds):
+    decision, now, history, seen = started(), 0.0, [], []
+    history += decision.messages
+    for kind in kinds:
+        state = decision.state
+        if state.status in engine.TERMINAL:
+            break
+        now += 1
+        awaited = state.awaiting
+        if kind == "timeout" or awaited is None:
+            next_decision = engine.on_timeout(state, limits=LIMITS, now=awaited.deadline if awaited else now)
+        elif kind in ("success", "failure"):
+            reply = Reply(awaited.command, awaited.attempt, kind, kind, SUCCESS_DATA.get(awaited.command, {}))
+            seen.append(reply)
+            next_decision = engine.on_reply(state, reply, limits=LIMITS, now=now)
+        elif kind == "duplicate" and seen:
+            next_decision = engine.on_reply(state, seen[-1], limits=LIMITS, now=now)
+            assert not next_decision.changed
+        else:
+            stale = Reply(awaited.command, awaited.attempt + 5, "success", data=SUCCESS_DATA.get(awaited.command, {}))
+            next_decision = engine.on_reply(state, stale, limits=LIMITS, now=now)
+            assert not next_decision.changed
+        decision = next_decision
+        history += decision.messages
+    for _ in range(100):  # drain: only deadlines pass from here on
+        if decision.state.status in engine.TERMINAL:
+            break
+        decision = engine.on_timeout(decision.state, limits=LIMITS, now=decision.state.awaiting.deadline)
+        history += decision.messages
+    state = decision.state
+    assert state.status in engine.TERMINAL
+
+    commands = [m for m in history if isinstance(m, Command)]
+    forward = {step.command for step in ORDER_SAGA}
+    first_compensations = list(dict.fromkeys(c.command for c in commands if c.command not in forward))
+    undone_steps = [s for s in reversed(ORDER_SAGA) if state.step(s.name).status in (engine.STEP_COMPENSATED, *engine.OWED)]
+    expected = [s.compensation for s in undone_steps]
+    if state.status == engine.COMPLETED:
+        assert first_compensations == []
+        assert all(step.status == engine.SUCCEEDED for step in state.steps)
+    elif state.status == engine.COMPENSATED:
+        assert first_compensations == expected
+        assert all(step.status in (engine.STEP_COMPENSATED, engine.STEP_FAILED, engine.PENDING) for step in state.steps)
+    else:
+        assert first_compensations == expected[: len(first_compensations)]
+    # nothing goes forward once compensation began, and no command exceeds its attempts
+    first_undo = next((i for i, c in enumerate(commands) if c.command not in forward), len(commands))
+    assert all(c.command not in forward for c in commands[first_undo:])
+    assert all(c.attempt <= (LIMITS.step_max_attempts if c.command in forward else LIMITS.compensation_max_attempts)
+               for c in commands)
+    events = [m for m in history if isinstance(m, Event)]
+    assert [e.routing_key for e in events] == [f"saga.{state.status}"]
