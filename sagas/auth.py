@@ -63,7 +63,7 @@ _client: AuthClient | None = None
 
 def auth_client() -> AuthClient:
     global _client
-    if _client is None or _client.verify_url != settings.AUTH_VERIFY_URL:
+    if _client is None or (_client.verify_url, _client.timeout[1]) != (settings.AUTH_VERIFY_URL, settings.AUTH_TIMEOUT_SECONDS):
         _client = AuthClient(settings.AUTH_VERIFY_URL, read_timeout=settings.AUTH_TIMEOUT_SECONDS)
     return _client
 

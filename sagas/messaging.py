@@ -53,6 +53,18 @@ class Delivery:
     headers: dict = field(default_factory=dict)
 
 
+def _delivery(method, properties, body: bytes) -> Delivery:
+    return Delivery(
+        body=body,
+        routing_key=method.routing_key,
+        message_id=properties.message_id,
+        correlation_id=properties.correlation_id,
+        reply_to=properties.reply_to,
+        redelivered=method.redelivered,
+        headers=dict(properties.headers or {}),
+    )
+
+
 def connection_parameters(*, heartbeat: int = 30) -> pika.ConnectionParameters:
     rabbit = settings.RABBITMQ
     return pika.ConnectionParameters(
@@ -115,8 +127,12 @@ class Broker:
         correlation_id: str | None = None,
         reply_to: str | None = None,
         headers: dict | None = None,
+        mandatory: bool = True,
     ) -> None:
-        """Publish one persistent message and wait for the broker's confirm."""
+        """Publish one persistent message and wait for the broker's confirm.
+
+        `mandatory`: a message no queue takes is an error (commands, replies). Events are
+        published without it: an event nobody subscribed to is nobody's loss."""
         properties = pika.BasicProperties(
             content_type="application/json",
             delivery_mode=pika.DeliveryMode.Persistent,
@@ -128,7 +144,7 @@ class Broker:
         )
         channel = self._ensure()
         try:
-            channel.basic_publish(exchange, routing_key, body, properties, mandatory=True)
+            channel.basic_publish(exchange, routing_key, body, properties, mandatory=mandatory)
         except pika.exceptions.UnroutableError as error:
             raise Unroutable(f"no queue for routing key {routing_key!r}: {error!r}") from error
         except pika.exceptions.NackError as error:
@@ -164,15 +180,7 @@ class Broker:
                     if should_stop():
                         ch.basic_nack(method.delivery_tag, requeue=True)
                         return
-                    delivery = Delivery(
-                        body=body,
-                        routing_key=method.routing_key,
-                        message_id=properties.message_id,
-                        correlation_id=properties.correlation_id,
-                        reply_to=properties.reply_to,
-                        redelivered=method.redelivered,
-                        headers=dict(properties.headers or {}),
-                    )
+                    delivery = _delivery(method, properties, body)
                     try:
                         handle(delivery)
                     except RetryLater as error:
@@ -201,6 +209,27 @@ class Broker:
                 pause = backoff.next()
                 log.warning("RabbitMQ unavailable, retrying in %.1fs: %r", pause, error, extra={"queue": queue_name})
                 _sleep_unless(should_stop, pause, tick)
+
+    def bind_temporary_queue(self, exchange: str, routing_key: str) -> str:
+        """A private queue bound to `exchange`, gone when this connection closes (for listeners and tests)."""
+        channel = self._ensure()
+        queue_name = channel.queue_declare("", exclusive=True, auto_delete=True).method.queue
+        channel.queue_bind(queue_name, exchange, routing_key=routing_key)
+        return queue_name
+
+    def drain(self, queue_name: str) -> list[Delivery]:
+        """Take every message waiting in a queue, acking each."""
+        channel, taken = self._ensure(), []
+        while True:
+            method, properties, body = channel.basic_get(queue_name, auto_ack=True)
+            if method is None:
+                return taken
+            taken.append(_delivery(method, properties, body))
+
+    def purge(self, *queue_names: str) -> None:
+        channel = self._ensure()
+        for queue_name in queue_names:
+            channel.queue_purge(queue_name)
 
     def close(self) -> None:
         connection, self._connection, self._channel = self._connection, None, None

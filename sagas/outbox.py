@@ -48,6 +48,7 @@ def publish(rows: list[OutboxMessage]) -> int:
                 message_id=str(row.message_id),
                 correlation_id=str(row.saga_id),
                 reply_to=messaging.REPLIES_QUEUE if is_command else None,
+                mandatory=is_command,
             )
             sent.append(row.pk)
             log.info("published", extra={"saga_id": str(row.saga_id), "routing_key": row.routing_key,

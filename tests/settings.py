@@ -6,3 +6,6 @@ os.environ.setdefault("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/orches
 os.environ.setdefault("REDIS_DB", "1")
 
 from orchestration_site.settings import *  # noqa: E402,F401,F403
+
+STATIC_ROOT = None  # tests serve no collected static files
+WHITENOISE_USE_FINDERS = True

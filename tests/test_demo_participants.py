@@ -30,6 +30,10 @@ def saga_id() -> str:
     return str(uuid.uuid4())
 
 
+def only(product_id: str, quantity: int = 1) -> dict:
+    return {"items": [{"product_id": product_id, "quantity": quantity}]}
+
+
 def command(saga_id: str, name: str, payload: dict | None = None, attempt: int = 1) -> dict:
     if payload is None:
         payload = {"items": ITEMS} if name.startswith("stock.") else dict(MONEY, items=ITEMS)
@@ -49,7 +53,8 @@ def test_reduce_stock_replies_the_total_and_takes_the_stock(ledger, saga_id):
 
 
 def test_a_repeated_command_gets_the_same_reply_and_no_second_effect(ledger, saga_id):
-    first = {name: handle_command(ledger, command(saga_id, name)) for name in ("stock.reduce", "payment.take", "order.create")}
+    forward = ("stock.reduce", "payment.take", "order.create")
+    first = {name: handle_command(ledger, command(saga_id, name)) for name in forward}
     again = {name: handle_command(ledger, command(saga_id, name, attempt=3)) for name in first}
 
     for name in first:
@@ -78,8 +83,8 @@ def test_reduce_fails_as_a_whole_when_one_item_cannot_be_had(ledger, saga_id, pr
 def test_reduce_fails_when_there_is_not_enough_left(tmp_path, saga_id):
     ledger = Ledger(tmp_path / "small.sqlite3", products={"sku-last": Product(Decimal("1.00"), 2)})
 
-    first = handle_command(ledger, command("saga-a", "stock.reduce", {"items": [{"product_id": "sku-last", "quantity": 2}]}))
-    second = handle_command(ledger, command(saga_id, "stock.reduce", {"items": [{"product_id": "sku-last", "quantity": 1}]}))
+    first = handle_command(ledger, command("saga-a", "stock.reduce", only("sku-last", 2)))
+    second = handle_command(ledger, command(saga_id, "stock.reduce", only("sku-last", 1)))
 
     assert first["status"] == "success"
     assert (second["status"], second["reason"]) == ("failure", "out_of_stock")
@@ -141,14 +146,18 @@ def test_any_order_of_reduce_and_restore_ends_undone_once_a_restore_is_last(arri
     effects = [row["effect"] for row in ledger.effects()]
     assert effects.count("stock_reduced") == effects.count("stock_restored") <= 2
     assert ledger.stock_level("sku-1") == PLENTY
-    reduce_replies = {(r["status"], r["reason"], json.dumps(r["data"])) for r in replies if r["command"] == "stock.reduce"}
-    assert len(reduce_replies) <= 1
+    answers = {(r["status"], r["reason"], json.dumps(r["data"])) for r in replies if r["command"] == "stock.reduce"}
+    assert len(answers) <= 1
     ledger.close()
 
 
 def test_malformed_commands_are_dropped_and_bad_payloads_fail(ledger, saga_id):
-    for body in ("nonsense", None, [], {"saga_id": saga_id}, {"saga_id": saga_id, "command": "stock.reduce", "attempt": 0},
-                 {"saga_id": saga_id, "command": "stock.explode", "attempt": 1, "payload": {}}):
+    broken = [
+        "nonsense", None, [], {"saga_id": saga_id},
+        {"saga_id": saga_id, "command": "stock.reduce", "attempt": 0},
+        {"saga_id": saga_id, "command": "stock.explode", "attempt": 1, "payload": {}},
+    ]
+    for body in broken:
         assert handle_command(ledger, body) is None
 
     reply = handle_command(ledger, command(saga_id, "payment.take", {"amount": "lots", "currency": "EUR"}))
@@ -158,13 +167,13 @@ def test_malformed_commands_are_dropped_and_bad_payloads_fail(ledger, saga_id):
 
 
 def test_behaviour_triggers(ledger, saga_id):
-    silent = command(saga_id, "stock.reduce", {"items": [{"product_id": "sku-silent-once", "quantity": 1}]})
+    silent = command(saga_id, "stock.reduce", only("sku-silent-once"))
 
     assert handle_command(ledger, silent) is None
     assert handle_command(ledger, dict(silent, attempt=2))["status"] == "success"
     assert ledger.summary()[saga_id]["stock_net"] == 1
-    assert reply_plan(command(saga_id, "stock.reduce", {"items": [{"product_id": "sku-slow", "quantity": 1}]})).delay == 1.5
-    assert reply_plan(command(saga_id, "stock.restore", {"items": [{"product_id": "sku-dup", "quantity": 1}]})).copies == 2
+    assert reply_plan(command(saga_id, "stock.reduce", only("sku-slow"))).delay == 1.5
+    assert reply_plan(command(saga_id, "stock.restore", only("sku-dup"))).copies == 2
     assert reply_plan(command(saga_id, "stock.reduce")) == reply_plan(command(saga_id, "payment.take"))
 
 

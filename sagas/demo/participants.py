@@ -45,7 +45,16 @@ from sagas.demo.catalogue import (
     SLOW_REPLY_SECONDS,
     Product,
 )
-from sagas.messaging import PARTICIPANT_QUEUES, REPLIES_QUEUE, Broker, BrokerUnavailable, Delivery, RetryLater, Unroutable, encode
+from sagas.messaging import (
+    PARTICIPANT_QUEUES,
+    REPLIES_QUEUE,
+    Broker,
+    BrokerUnavailable,
+    Delivery,
+    RetryLater,
+    Unroutable,
+    encode,
+)
 
 log = logging.getLogger(__name__)
 
@@ -354,9 +363,15 @@ class ParticipantRules:
 
 
 RULES = (
-    ParticipantRules("stock", "stock.reduce", "stock.restore", "stock_reduced", "stock_restored", _reduce_stock, _restore_stock),
-    ParticipantRules("payment", "payment.take", "payment.refund", "charged", "refunded", _take_payment, _refund_payment),
-    ParticipantRules("order", "order.create", "order.cancel", "order_created", "order_cancelled", _create_order, _cancel_order),
+    ParticipantRules(
+        "stock", "stock.reduce", "stock.restore", "stock_reduced", "stock_restored", _reduce_stock, _restore_stock
+    ),
+    ParticipantRules(
+        "payment", "payment.take", "payment.refund", "charged", "refunded", _take_payment, _refund_payment
+    ),
+    ParticipantRules(
+        "order", "order.create", "order.cancel", "order_created", "order_cancelled", _create_order, _cancel_order
+    ),
 )
 RULES_BY_COMMAND = {name: rules for rules in RULES for name in (rules.forward, rules.compensation)}
 
@@ -504,7 +519,8 @@ class ParticipantWorker:
         try:
             body = json.loads(delivery.body)
         except ValueError:  # includes UnicodeDecodeError
-            log.warning("command is not JSON, dropped", extra={"queue": self.queue_name, "message_id": delivery.message_id})
+            extra = {"queue": self.queue_name, "message_id": delivery.message_id}
+            log.warning("command is not JSON, dropped", extra=extra)
             return
         command = body.get("command") if isinstance(body, dict) else None
         if isinstance(command, str) and not command.startswith(self.prefix):
@@ -540,7 +556,8 @@ class ParticipantWorker:
                 correlation_id=reply.correlation_id, message_id=str(uuid.uuid4()),
             )
         except Unroutable:  # the asker's reply queue is gone; retrying would loop forever
-            log.warning("reply dropped, no such reply queue", extra={"queue": self.queue_name, "reply_to": reply.routing_key})
+            extra = {"queue": self.queue_name, "reply_to": reply.routing_key}
+            log.warning("reply dropped, no such reply queue", extra=extra)
 
 
 def start_participants(

@@ -1,0 +1,142 @@
+"""Named fixtures for the people, services and sagas the tests use. Everything is real:
+PostgreSQL, Redis and RabbitMQ on this machine, the demo auth service and participants."""
+import json
+import threading
+import time
+
+import pytest
+from django_redis import get_redis_connection
+
+from sagas import messaging
+from sagas.consumer import SagaConsumer
+from sagas.demo.auth_server import serve_auth
+from sagas.demo.participants import start_participants
+from sagas.models import Saga
+
+CUSTOMER_TOKEN, OTHER_CUSTOMER_TOKEN, STAFF_TOKEN = "demo-alice", "demo-bob", "demo-staff"
+ORDER = {"items": [{"product_id": "sku-1", "quantity": 2}], "currency": "EUR", "payment_method": "pm-123"}
+
+
+def wait_for(predicate, *, timeout: float = 20.0, interval: float = 0.05, what: str = "condition"):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+@pytest.fixture
+def auth_service(settings):
+    server = serve_auth(0)
+    settings.AUTH_VERIFY_URL = f"http://127.0.0.1:{server.server_port}{settings.AUTH_VERIFY_PATH}"
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture
+def api(client, auth_service):
+    """POST and GET as a caller with a bearer token."""
+
+    class Api:
+        def create_order(self, body=ORDER, *, token=CUSTOMER_TOKEN, **headers):
+            raw = body if isinstance(body, (str, bytes)) else json.dumps(body)
+            return client.post("/orders/create_order", data=raw, content_type="application/json",
+                               HTTP_AUTHORIZATION=f"Bearer {token}", **headers)
+
+        def saga(self, saga_id, *, token=CUSTOMER_TOKEN):
+            return client.get(f"/sagas/{saga_id}", HTTP_AUTHORIZATION=f"Bearer {token}")
+
+    return Api()
+
+
+@pytest.fixture
+def fresh_redis():
+    get_redis_connection("default").flushdb()
+
+
+@pytest.fixture
+def fresh_queues():
+    broker = messaging.Broker()
+    broker.purge(messaging.REPLIES_QUEUE, messaging.DEAD_LETTER_QUEUE, *messaging.PARTICIPANT_QUEUES)
+    broker.close()
+
+
+@pytest.fixture
+def fast_deadlines(settings):
+    settings.SAGA_STEP_TIMEOUT_SECONDS = 0.5
+    settings.SAGA_STEP_MAX_ATTEMPTS = 3
+    settings.SAGA_COMPENSATION_MAX_ATTEMPTS = 4
+
+
+def _in_thread(target, name):
+    def run():
+        from django.db import connections
+
+        try:
+            target()
+        finally:
+            connections.close_all()
+
+    thread = threading.Thread(target=run, name=name, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.fixture
+def participants(tmp_path, fresh_queues):
+    stop = threading.Event()
+    ledger = tmp_path / "ledger.sqlite3"
+    threads = start_participants(ledger_path=ledger, should_stop=stop.is_set)
+    yield ledger
+    stop.set()
+    for thread in threads:
+        thread.join(timeout=10)
+
+
+@pytest.fixture
+def consumer(fast_deadlines, fresh_redis, fresh_queues):
+    saga_consumer = SagaConsumer(messaging.Broker(), deadline_check_seconds=0.1)
+    thread = _in_thread(saga_consumer.run, "saga-consumer")
+    yield saga_consumer
+    saga_consumer.stop()
+    thread.join(timeout=10)
+
+
+@pytest.fixture
+def saga_stack(transactional_db, api, participants, consumer):
+    """The whole service: API, consumer, participants and auth, over the real broker, Redis and database."""
+    return api
+
+
+def finished(saga_id, timeout=20.0) -> Saga:
+    return wait_for(
+        lambda: Saga.objects.filter(pk=saga_id, status__in=["completed", "compensated", "failed"]).first(),
+        timeout=timeout, what=f"saga {saga_id} to finish",
+    )
+
+
+@pytest.fixture
+def slow_auth_service(settings):
+    """An auth service that answers after the orchestrator stopped waiting."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Slow(BaseHTTPRequestHandler):
+        def do_GET(self):
+            time.sleep(1.0)
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b'{"user_id": "alice"}')
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    settings.AUTH_TIMEOUT_SECONDS = 0.3
+    yield f"http://127.0.0.1:{server.server_port}/auth/verify"
+    server.shutdown()
+    server.server_close()

@@ -1,0 +1,153 @@
+"""Real sagas through RabbitMQ, Redis and PostgreSQL, with the consumer and the demo participants running."""
+import json
+from decimal import Decimal
+
+import pytest
+from django_redis import get_redis_connection
+
+from sagas import messaging
+from sagas.demo.participants import ledger_summary
+from sagas.models import OutboxMessage, TimelineEntry
+from tests.conftest import ORDER, finished, wait_for
+
+pytestmark = [pytest.mark.integration]
+
+
+def order_of(*product_ids, payment_method="pm-123"):
+    return {"items": [{"product_id": p, "quantity": 1} for p in product_ids], "currency": "EUR",
+            "payment_method": payment_method}
+
+
+def start(api, body=ORDER, **headers):
+    response = api.create_order(body, **headers)
+    assert response.status_code == 202, response.content
+    return response.json()["saga_id"]
+
+
+def commands_sent(saga):
+    return [(e.command, e.attempt) for e in saga.timeline.filter(kind=TimelineEntry.Kind.COMMAND).order_by("id")]
+
+
+def test_a_saga_completes_and_tells_related_services(saga_stack, participants):
+    events = messaging.Broker()
+    events_queue = events.bind_temporary_queue(messaging.EVENTS_EXCHANGE, "saga.*")
+    saga_id = start(saga_stack)
+    saga = finished(saga_id)
+    assert saga.status == "completed"
+    assert saga.total is not None and str(saga.total) == "19.98" and saga.order_id
+    assert commands_sent(saga) == [("stock.reduce", 1), ("payment.take", 1), ("order.create", 1)]
+    assert list(saga.steps.values_list("status", flat=True)) == ["succeeded"] * 3
+    body = saga_stack.saga(saga_id).json()
+    assert body["status"] == "completed" and body["total"] == "19.98" and body["order_id"] == saga.order_id
+    (event,) = events.drain(events_queue)
+    assert event.routing_key == "saga.completed"
+    assert json.loads(event.body) == {"saga_id": saga_id, "status": "completed", "user_id": "alice",
+                                      "order_id": saga.order_id, "items": ORDER["items"], "total": "19.98",
+                                      "currency": "EUR", "failure_reason": None}
+    events.close()
+    assert ledger_summary(participants)[saga_id] == {"stock_net": 2, "paid_net": Decimal("19.98"), "orders_open": 1}
+    assert not OutboxMessage.objects.filter(sent_at__isnull=True).exists()
+
+
+def test_out_of_stock_fails_at_the_first_step_with_nothing_to_undo(saga_stack):
+    saga = finished(start(saga_stack, order_of("sku-sold-out")))
+    assert (saga.status, saga.failure_reason) == ("compensated", "out_of_stock")
+    assert commands_sent(saga) == [("stock.reduce", 1)]
+
+
+def test_declined_payment_restores_the_stock(saga_stack, participants):
+    saga_id = start(saga_stack, order_of("sku-1", payment_method="pm-declined"))
+    saga = finished(saga_id)
+    assert (saga.status, saga.failure_reason) == ("compensated", "payment_declined")
+    assert commands_sent(saga) == [("stock.reduce", 1), ("payment.take", 1), ("stock.restore", 1)]
+    assert ledger_summary(participants)[saga_id]["stock_net"] == 0
+
+
+def test_a_silent_participant_gets_the_command_again(saga_stack):
+    saga = finished(start(saga_stack, order_of("sku-silent-once")))
+    assert saga.status == "completed"
+    assert commands_sent(saga)[:2] == [("stock.reduce", 1), ("stock.reduce", 2)]
+    assert saga.steps.get(name="reduce_stock").attempts == 2
+
+
+def test_a_step_that_never_answers_is_given_up_and_compensated(saga_stack, settings, participants):
+    settings.SAGA_STEP_MAX_ATTEMPTS = 1  # sku-silent-once drops the first stock.reduce
+    saga_id = start(saga_stack, order_of("sku-silent-once"))
+    saga = finished(saga_id)
+    assert (saga.status, saga.failure_reason) == ("compensated", "reduce_stock_timed_out")
+    assert commands_sent(saga) == [("stock.reduce", 1), ("stock.restore", 1)]
+    assert ledger_summary(participants).get(saga_id, {"stock_net": 0})["stock_net"] == 0
+
+
+def test_duplicate_replies_change_nothing(saga_stack):
+    saga = finished(start(saga_stack, order_of("sku-dup")))
+    assert saga.status == "completed"
+    wait_for(lambda: saga.timeline.filter(kind="reply", applied=False).exists(), what="the duplicate reply")
+    ignored = saga.timeline.filter(kind="reply", applied=False).first()
+    assert ignored.command == "stock.reduce" and "duplicate" in ignored.note
+    assert commands_sent(saga) == [("stock.reduce", 1), ("payment.take", 1), ("order.create", 1)]
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        (b"{not json", "not valid UTF-8 JSON"),
+        (b'{"saga_id": "x"}', "saga_id is not a UUID"),
+        (json.dumps({"saga_id": "6f1c1a8e-4c6f-4d7e-9a55-0c3b2f3d9e11", "command": "stock.reduce", "attempt": 1,
+                     "status": "success", "reason": None, "data": {}}).encode(), "without a decimal data.total"),
+        (b"x" * 70_000, "over the"),
+    ],
+)
+def test_poison_replies_are_dead_lettered_with_the_reason_and_the_next_one_is_processed(saga_stack, body, reason):
+    broker = messaging.Broker()
+    broker.publish(exchange="", routing_key=messaging.REPLIES_QUEUE, body=body)
+    saga = finished(start(saga_stack))  # the consumer carries on behind the poison
+    assert saga.status == "completed"
+    (dead,) = wait_for(lambda: broker.drain(messaging.DEAD_LETTER_QUEUE), what="the dead letter")
+    assert dead.body == body
+    assert reason in dead.headers["x-dead-letter-reason"]
+    broker.close()
+
+
+def test_a_reply_for_an_unknown_saga_is_set_aside(saga_stack):
+    broker = messaging.Broker()
+    reply = {"saga_id": "6f1c1a8e-4c6f-4d7e-9a55-0c3b2f3d9e11", "command": "payment.take", "attempt": 1,
+             "status": "success", "reason": None, "data": {}}
+    broker.publish(exchange="", routing_key=messaging.REPLIES_QUEUE, body=json.dumps(reply).encode())
+    (dead,) = wait_for(lambda: broker.drain(messaging.DEAD_LETTER_QUEUE), what="the dead letter")
+    assert "unknown saga" in dead.headers["x-dead-letter-reason"]
+    broker.close()
+
+
+def test_redis_flushed_mid_saga_is_rebuilt_from_the_database(saga_stack, settings):
+    settings.SAGA_STEP_TIMEOUT_SECONDS = 5
+    saga_id = start(saga_stack, order_of("sku-slow"))  # 1.5 s in the stock step
+    wait_for(lambda: get_redis_connection("default").exists(f"orchestrator:saga:{saga_id}"), what="the saga in Redis")
+    get_redis_connection("default").flushdb()
+    saga = finished(saga_id)
+    assert saga.status == "completed"
+    assert commands_sent(saga) == [("stock.reduce", 1), ("payment.take", 1), ("order.create", 1)]
+    assert get_redis_connection("default").exists(f"orchestrator:saga:{saga_id}")
+
+
+def test_idempotency_key_reuse_runs_one_saga(saga_stack):
+    first = saga_stack.create_order(ORDER, HTTP_IDEMPOTENCY_KEY="checkout-7")
+    again = saga_stack.create_order(ORDER, HTTP_IDEMPOTENCY_KEY="checkout-7")
+    assert again.json()["saga_id"] == first.json()["saga_id"]
+    saga = finished(first.json()["saga_id"])
+    assert saga.status == "completed"
+    assert commands_sent(saga) == [("stock.reduce", 1), ("payment.take", 1), ("order.create", 1)]
+
+
+def test_redelivered_reply_after_redis_flush_is_a_no_op(saga_stack):
+    saga = finished(start(saga_stack))
+    get_redis_connection("default").flushdb()
+    reply = {"saga_id": str(saga.id), "command": "payment.take", "attempt": 1, "status": "failure",
+             "reason": "late_decline", "data": None}
+    broker = messaging.Broker()
+    broker.publish(exchange="", routing_key=messaging.REPLIES_QUEUE, body=json.dumps(reply).encode(), message_id="m-late")
+    entry = wait_for(lambda: saga.timeline.filter(message_id="m-late").first(), what="the late reply on the timeline")
+    broker.close()
+    assert not entry.applied
+    saga.refresh_from_db()
+    assert saga.status == "completed"
