@@ -19,6 +19,7 @@ from decimal import Decimal
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
+from django.utils import timezone as django_timezone
 
 from sagas import engine, live, outbox, store
 from sagas.engine import Decision, Limits, Reply, SagaState
@@ -77,6 +78,7 @@ def _row_fields(state: SagaState) -> dict:
         "state": engine.state_to_dict(state),
         "version": state.version,
         "deadline": _moment(state.awaiting.deadline) if state.awaiting else None,
+        "updated_at": django_timezone.now(),
     }
 
 

@@ -1,0 +1,3 @@
+#!/usr/bin/env bash
+# Things the tests need beyond the venv.
+set -euo pipefail
