@@ -1,0 +1,51 @@
+"""Bad configuration stops the process at start with a message naming the variable."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def start(**env):
+    environment = {k: v for k, v in os.environ.items() if not k.startswith(("DJANGO_", "SAGA_", "DATABASE_"))}
+    environment.update(env)
+    return subprocess.run([sys.executable, "manage.py", "check"], cwd=ROOT, env=environment,
+                          capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [
+        ({}, "DJANGO_SECRET_KEY"),
+        ({"DJANGO_DEBUG": "1", "SAGA_STEP_TIMEOUT_SECONDS": "soon"}, "SAGA_STEP_TIMEOUT_SECONDS"),
+        ({"DJANGO_DEBUG": "1", "SAGA_STEP_TIMEOUT_SECONDS": "-1"}, "SAGA_STEP_TIMEOUT_SECONDS"),
+        ({"DJANGO_DEBUG": "1", "SAGA_STEP_MAX_ATTEMPTS": "0"}, "SAGA_STEP_MAX_ATTEMPTS"),
+        ({"DJANGO_DEBUG": "1", "RABBITMQ_PORT": "amqp"}, "RABBITMQ_PORT"),
+        ({"DJANGO_DEBUG": "maybe"}, "DJANGO_DEBUG"),
+        ({"DJANGO_DEBUG": "1", "AUTHERIZATION_SERVER_HOST": "auth.local"}, "AUTHERIZATION_SERVER_HOST"),
+        ({"DJANGO_DEBUG": "1", "AUTHORIZATION_SERVER_PORT": "x"}, "AUTHORIZATION_SERVER_PORT"),
+        ({"DJANGO_DEBUG": "1", "DATABASE_URL": "nosuchdb://x"}, "DATABASE_URL"),
+    ],
+)
+def test_a_bad_value_stops_the_process_naming_the_variable(env, named):
+    result = start(**env)
+    assert result.returncode != 0
+    assert named in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_fractional_timeouts_and_the_auth_alias_are_accepted():
+    result = start(DJANGO_SECRET_KEY="x" * 50, SAGA_STEP_TIMEOUT_SECONDS="0.5", AUTHORIZATION_SERVER_HOST="http://auth",
+                   AUTHORIZATION_SERVER_PORT="8086")
+    assert result.returncode == 0, result.stderr
+
+
+def test_production_settings_pass_the_deploy_checks():
+    environment = {k: v for k, v in os.environ.items() if not k.startswith(("DJANGO_", "SAGA_", "DATABASE_"))}
+    environment["DJANGO_SECRET_KEY"] = "a-long-random-production-secret-" + "k3y" * 20
+    result = subprocess.run([sys.executable, "manage.py", "check", "--deploy", "--fail-level", "WARNING"], cwd=ROOT,
+                            env=environment, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr + result.stdout

@@ -1,0 +1,455 @@
+"""Benchmark of the order saga orchestrator against the raw broker, on the real stack.
+
+    python tools/benchmark.py --sagas 2000 --concurrency 16 [--consumers 1] [--rss-growth]
+
+Starts the service as production runs it (tools/stack.py: uvicorn without access log, K saga
+consumers, the demo participants and auth service; DJANGO_DEBUG=0, a generated secret key,
+PostgreSQL) on its own database, Redis db and RabbitMQ vhost, which it empties first. Then:
+
+1. saga throughput: N normal orders (sku-1) through `POST /orders/create_order`, C clients, each
+   keeping one saga in flight (it posts, waits for the saga's terminal event on `saga.events`,
+   posts the next). Latency: from the POST being sent to the terminal event being received.
+2. one saga in flight: the same with one client (--single sagas), for the p50 at one in flight.
+3. the raw broker baseline (tools/raw_chain.py, one process): 3-step command/reply chains
+   against the same participants with the same messaging and no state, C in flight and 1 in flight.
+4. memory: peak RSS (VmHWM) of the web and consumer processes, consumer RSS after 1,000 sagas
+   and, with --rss-growth (20,000 sagas), after 20,000.
+
+Prints one table with PASS/MISS per target and writes the raw numbers to var/bench/result.json.
+Everything measured runs on this machine, the benchmark's own clients included.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tools.stack import PYTHON, ROOT, Stack  # noqa: E402
+
+ORDER = {"items": [{"product_id": "sku-1", "quantity": 1}], "currency": "EUR", "payment_method": "pm-123"}
+TOKEN = "demo-alice"
+RSS_MILESTONES = (1_000, 20_000)
+TARGET_THROUGHPUT_RATIO = 0.5
+TARGET_LATENCY_RATIO = 3.0
+TARGET_RSS_GROWTH = 10.0  # percent
+
+
+# --- backends: our own database, Redis db and vhost ---------------------------------------------------
+
+
+def prepare_vhost(vhost: str) -> str:
+    """A fresh vhost of our own (deleted and made again); "/" if rabbitmqctl is not available."""
+    if vhost == "/" or not shutil.which("rabbitmqctl"):
+        print(f"note: using RabbitMQ vhost '/' (rabbitmqctl {'not found' if vhost != '/' else 'not needed'})")
+        return "/"
+    run = lambda *argv: subprocess.run(["rabbitmqctl", *argv], capture_output=True, text=True)  # noqa: E731
+    run("delete_vhost", vhost)
+    made = run("add_vhost", vhost)
+    allowed = run("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+    if made.returncode or allowed.returncode:
+        print(f"note: could not make vhost {vhost!r} ({(made.stderr or allowed.stderr).strip()[:200]}); using '/'")
+        return "/"
+    return vhost
+
+
+def prepare_database(name: str, host: str, port: int, user: str) -> str:
+    import psycopg
+
+    with psycopg.connect(host=host, port=port, user=user, dbname="postgres", autocommit=True) as connection:
+        connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        connection.execute(f'CREATE DATABASE "{name}"')
+    return f"postgres://{user}@{host}:{port}/{name}"
+
+
+def prepare_redis(host: str, port: int, db: int) -> None:
+    import redis
+
+    redis.Redis(host=host, port=port, db=db).flushdb()
+
+
+# --- /proc, no psutil ----------------------------------------------------------------------------------
+
+
+def memory_kib(pid: int) -> dict[str, int]:
+    """VmRSS and VmHWM (peak RSS) of a process, in KiB."""
+    found = {}
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                found[key] = int(value.split()[0])
+    return found
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+# --- terminal events -----------------------------------------------------------------------------------
+
+
+class EventListener:
+    """Listens to saga.events on a private queue and timestamps each saga's terminal event."""
+
+    def __init__(self, on_count=lambda count: None):
+        self._lock = threading.Lock()
+        self._terminal: dict[str, tuple[float, str]] = {}
+        self._waiters: dict[str, threading.Event] = {}
+        self._on_count = on_count
+        self._stopping = False
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="saga-events", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+        if not self._ready.wait(15):
+            raise RuntimeError(f"event listener did not start: {self._error!r}")
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._thread.join(5)
+
+    def _run(self) -> None:
+        from sagas.messaging import EVENTS_EXCHANGE, Broker
+
+        broker = Broker()
+        try:
+            queue_name = broker.bind_temporary_queue(EVENTS_EXCHANGE, "saga.#")
+            self._ready.set()
+            broker.consume(queue_name, self._on_event, prefetch=500, should_stop=lambda: self._stopping,
+                           tick_seconds=0.1)
+        except BaseException as error:  # reported by start() or in the results
+            self._error = error
+            raise
+        finally:
+            broker.close()
+
+    def _on_event(self, delivery) -> None:
+        received = time.perf_counter()
+        saga_id = json.loads(delivery.body)["saga_id"]
+        status = delivery.routing_key.removeprefix("saga.")
+        with self._lock:
+            if saga_id in self._terminal:
+                return
+            self._terminal[saga_id] = (received, status)
+            waiter = self._waiters.pop(saga_id, None)
+            count = len(self._terminal)
+        if waiter:
+            waiter.set()
+        self._on_count(count)
+
+    def wait(self, saga_id: str, timeout: float) -> tuple[float, str] | None:
+        with self._lock:
+            if saga_id in self._terminal:
+                return self._terminal[saga_id]
+            waiter = self._waiters[saga_id] = threading.Event()
+        waiter.wait(timeout)
+        with self._lock:
+            self._waiters.pop(saga_id, None)
+            return self._terminal.get(saga_id)
+
+
+# --- driving sagas over HTTP ---------------------------------------------------------------------------
+
+
+@dataclass
+class PassResult:
+    name: str
+    sagas: int
+    concurrency: int
+    latencies: list[float] = field(default_factory=list)  # seconds, completed sagas only
+    statuses: dict[str, int] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def completed(self) -> int:
+        return self.statuses.get("completed", 0)
+
+    @property
+    def rate(self) -> float:
+        return self.completed / self.seconds if self.seconds else 0.0
+
+    def summary(self) -> dict:
+        return {"sagas": self.sagas, "concurrency": self.concurrency, "seconds": round(self.seconds, 3),
+                "statuses": self.statuses, "completed_per_s": round(self.rate, 2),
+                "p50_ms": ms(percentile(self.latencies, 50)), "p99_ms": ms(percentile(self.latencies, 99)),
+                "errors": len(self.errors), "first_errors": self.errors[:5]}
+
+
+def drive_sagas(name: str, base_url: str, listener: EventListener, *, count: int, concurrency: int,
+                saga_timeout: float) -> PassResult:
+    import requests
+
+    result = PassResult(name, count, concurrency)
+    lock, issued, first_sent, last_done = threading.Lock(), [0], [None], [0.0]
+
+    def client() -> None:
+        session = requests.Session()
+        headers = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
+        body = json.dumps(ORDER)
+        while True:
+            with lock:
+                if issued[0] >= count:
+                    return
+                issued[0] += 1
+            sent = time.perf_counter()
+            with lock:
+                first_sent[0] = first_sent[0] or sent
+            try:
+                response = session.post(f"{base_url}/orders/create_order", data=body, headers=headers, timeout=30)
+            except requests.RequestException as error:
+                with lock:
+                    result.errors.append(f"POST failed: {error!r}")
+                continue
+            if response.status_code != 202:
+                with lock:
+                    result.errors.append(f"POST answered {response.status_code}: {response.text[:200]}")
+                continue
+            saga_id = response.json()["saga_id"]
+            outcome = listener.wait(saga_id, saga_timeout)
+            with lock:
+                if outcome is None:
+                    result.statuses["no terminal event"] = result.statuses.get("no terminal event", 0) + 1
+                    result.errors.append(f"saga {saga_id}: no terminal event within {saga_timeout}s")
+                    continue
+                done, status = outcome
+                result.statuses[status] = result.statuses.get(status, 0) + 1
+                last_done[0] = max(last_done[0], done)
+                if status == "completed":
+                    result.latencies.append(done - sent)
+
+    threads = [threading.Thread(target=client, name=f"client-{n}") for n in range(concurrency)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    result.seconds = max(0.0, last_done[0] - (first_sent[0] or last_done[0]))
+    return result
+
+
+def percentile(values: list[float], pct: float) -> float | None:
+    """Nearest-rank percentile."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = max(1, -(-len(ordered) * pct // 100))
+    return ordered[int(rank) - 1]
+
+
+def ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 2)
+
+
+# --- the raw broker baseline ---------------------------------------------------------------------------
+
+
+def run_raw_chains(stack: Stack, *, chains: int, concurrency: int, single: int, timeout: float) -> dict:
+    argv = [PYTHON, str(ROOT / "tools" / "raw_chain.py"), "--chains", str(chains), "--concurrency", str(concurrency),
+            "--single", str(single), "--timeout", str(timeout)]
+    done = subprocess.run(argv, cwd=ROOT, env=stack.env, capture_output=True, text=True)
+    (stack.log_dir / "raw_chain.log").write_text(done.stderr)
+    if done.returncode:
+        raise RuntimeError(f"raw chain baseline failed ({done.returncode}): {done.stderr[-2000:]}")
+    results = json.loads(done.stdout.strip().splitlines()[-1])
+    for key in ("throughput", "single"):
+        if key in results:
+            latencies = [x / 1000 for x in results[key].pop("latencies_ms")]
+            results[key]["p50_ms"] = ms(percentile(latencies, 50))
+            results[key]["p99_ms"] = ms(percentile(latencies, 99))
+    return results
+
+
+# --- the run -------------------------------------------------------------------------------------------
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Benchmark the saga orchestrator against the raw broker.")
+    parser.add_argument("--sagas", type=int, default=2000, help="sagas in the throughput pass")
+    parser.add_argument("--concurrency", type=int, default=16, help="clients, each with one saga in flight")
+    parser.add_argument("--consumers", type=int, default=1, help="saga consumer processes")
+    parser.add_argument("--single", type=int, default=200, help="sagas (and raw chains) at one in flight")
+    parser.add_argument("--raw-chains", type=int, help="raw chains in the throughput pass (default: min(sagas, 5000))")
+    parser.add_argument("--warmup", type=int, default=50, help="sagas before measuring (counted for RSS, not reported)")
+    parser.add_argument("--rss-growth", action="store_true", help="run at least 20,000 sagas and report consumer "
+                                                                   "RSS growth from 1,000 to 20,000")
+    parser.add_argument("--saga-timeout", type=float, default=120.0, help="seconds a saga may take to end")
+    parser.add_argument("--web-port", type=int, default=7101)
+    parser.add_argument("--auth-port", type=int, default=5306)
+    parser.add_argument("--database", default="bench_orchestrator", help="PostgreSQL database (dropped and made again)")
+    parser.add_argument("--pg-host", default="127.0.0.1")
+    parser.add_argument("--pg-port", type=int, default=5432)
+    parser.add_argument("--pg-user", default="postgres")
+    parser.add_argument("--redis-db", type=int, default=6, help="Redis db (flushed)")
+    parser.add_argument("--vhost", default="bench", help="RabbitMQ vhost (deleted and made again)")
+    parser.add_argument("--log-level", default="INFO", help="LOG_LEVEL of the service processes (production: INFO)")
+    parser.add_argument("--out", type=Path, default=ROOT / "var" / "bench", help="logs, ledger and result.json")
+    args = parser.parse_args()
+    if args.rss_growth:
+        args.sagas = max(args.sagas, RSS_MILESTONES[-1] - args.warmup)
+    if args.raw_chains is None:
+        args.raw_chains = min(args.sagas, 5000)
+    return args
+
+
+def main() -> int:
+    args = parse_args()
+    redis_host, redis_port = os.environ.get("REDIS_HOST", "127.0.0.1"), int(os.environ.get("REDIS_PORT", 6379))
+    vhost = prepare_vhost(args.vhost)
+    database_url = prepare_database(args.database, args.pg_host, args.pg_port, args.pg_user)
+    prepare_redis(redis_host, redis_port, args.redis_db)
+    ledger = args.out / "ledger.sqlite3"
+    for stale in args.out.glob("ledger.sqlite3*"):
+        stale.unlink()
+    log_dir = args.out / "logs"
+    shutil.rmtree(log_dir, ignore_errors=True)
+
+    stack = Stack.create(
+        log_dir=log_dir, web_port=args.web_port, auth_port=args.auth_port, ledger=ledger,
+        DJANGO_DEBUG="0", DJANGO_SECRET_KEY=f"bench-{uuid.uuid4().hex}{uuid.uuid4().hex}", DATABASE_URL=database_url,
+        REDIS_HOST=redis_host, REDIS_PORT=redis_port, REDIS_DB=args.redis_db, RABBITMQ_VHOST=vhost,
+        LOG_LEVEL=args.log_level,
+    )
+    migrated = stack.manage("migrate", "--no-input", check=False)
+    if migrated.returncode:
+        sys.exit(f"migrate failed:\n{migrated.stdout}\n{migrated.stderr}")
+    os.environ.update(stack.env)  # the listener's Broker reads the same settings as the service
+    import django
+
+    django.setup()
+
+    consumers = [f"consumer-{n}" for n in range(1, args.consumers + 1)]
+    samples: dict[int, dict] = {}
+
+    def sample_at(count: int) -> None:
+        if count in RSS_MILESTONES:
+            samples[count] = {name: memory_kib(stack.services[name].pid)["VmRSS"] for name in consumers}
+
+    listener = EventListener(on_count=sample_at)
+    base_url = f"http://127.0.0.1:{args.web_port}"
+    results: dict = {"args": {k: str(v) for k, v in vars(args).items()}, "vhost": vhost}
+    try:
+        stack.start_participants()
+        for number in range(1, args.consumers + 1):
+            stack.start_consumer(number)
+        stack.start_web(access_log=False)
+        stack.wait_auth()
+        stack.wait_web()
+        listener.start()
+        print(f"stack up: web {base_url}, {args.consumers} consumer(s), logs in {log_dir}", flush=True)
+
+        if args.warmup:
+            drive_sagas("warmup", base_url, listener, count=args.warmup, concurrency=args.concurrency,
+                        saga_timeout=args.saga_timeout)
+        cpu_before = {name: cpu_seconds(service.pid) for name, service in stack.services.items()}
+        started = time.monotonic()
+        print(f"saga throughput pass: {args.sagas} sagas, {args.concurrency} in flight ...", flush=True)
+        throughput = drive_sagas("throughput", base_url, listener, count=args.sagas, concurrency=args.concurrency,
+                                 saga_timeout=args.saga_timeout)
+        wall = time.monotonic() - started
+        results["cpu_seconds_in_throughput_pass"] = {
+            name: round(cpu_seconds(service.pid) - cpu_before[name], 2) for name, service in stack.services.items()}
+        results["cpu_seconds_in_throughput_pass"]["wall"] = round(wall, 2)
+        print(f"single pass: {args.single} sagas, 1 in flight ...", flush=True)
+        single = drive_sagas("single", base_url, listener, count=args.single, concurrency=1,
+                             saga_timeout=args.saga_timeout)
+        memory = {name: memory_kib(stack.services[name].pid) for name in ["web", *consumers]}
+
+        print(f"raw broker baseline: {args.raw_chains} chains at {args.concurrency}, {args.single} at 1 ...", flush=True)
+        raw = run_raw_chains(stack, chains=args.raw_chains, concurrency=args.concurrency, single=args.single,
+                             timeout=max(600.0, args.saga_timeout))
+        dead = [name for name, service in stack.services.items() if not service.alive()]
+    finally:
+        listener.stop()
+        stack.stop_all()
+
+    results.update({"throughput": throughput.summary(), "single": single.summary(), "raw": raw, "memory_kib": memory,
+                    "consumer_rss_kib_at": samples, "stopped_early": dead})
+    verdicts = print_table(args, throughput, single, raw, memory, samples, consumers)
+    results["verdicts"] = verdicts
+    if dead:
+        print(f"WARNING: these processes died during the run: {dead}; see {log_dir}")
+    if throughput.errors or single.errors:
+        print(f"WARNING: {len(throughput.errors) + len(single.errors)} saga errors, e.g. "
+              f"{(throughput.errors + single.errors)[:3]}")
+    out = args.out / "result.json"
+    out.write_text(json.dumps(results, indent=2, default=str))
+    print(f"raw numbers: {out}")
+    return 0 if all(v != "MISS" for v in verdicts.values()) and not dead else 1
+
+
+def print_table(args, throughput: PassResult, single: PassResult, raw: dict, memory: dict, samples: dict,
+                consumers: list[str]) -> dict[str, str]:
+    raw_rate = raw["throughput"]["chains_per_s"]
+    raw_single_p50 = raw["single"]["p50_ms"]
+    saga_single_p50 = ms(percentile(single.latencies, 50))
+    throughput_ratio = throughput.rate / raw_rate if raw_rate else None
+    latency_ratio = saga_single_p50 / raw_single_p50 if saga_single_p50 and raw_single_p50 else None
+    growth = None
+    if all(m in samples for m in RSS_MILESTONES):
+        growth = max((samples[RSS_MILESTONES[-1]][c] - samples[RSS_MILESTONES[0]][c]) * 100 / samples[RSS_MILESTONES[0]][c]
+                     for c in consumers)
+
+    def verdict(value, ok) -> str:
+        return "n/a" if value is None else ("PASS" if ok(value) else "MISS")
+
+    verdicts = {
+        "throughput ratio": verdict(throughput_ratio, lambda r: r >= TARGET_THROUGHPUT_RATIO),
+        "latency ratio": verdict(latency_ratio, lambda r: r <= TARGET_LATENCY_RATIO),
+        "rss growth": verdict(growth, lambda g: g < TARGET_RSS_GROWTH),
+    }
+    fmt = lambda v, unit="", digits=1: "n/a" if v is None else f"{v:,.{digits}f}{unit}"  # noqa: E731
+    mib = lambda kib: f"{kib / 1024:,.1f} MiB"  # noqa: E731
+    consumer_peak = max(memory[c]["VmHWM"] for c in consumers)
+    at_1k = samples.get(RSS_MILESTONES[0])
+    at_20k = samples.get(RSS_MILESTONES[-1])
+    rows = [
+        ("saga throughput", f"{fmt(throughput.rate, ' sagas/s')} ({throughput.completed}/{throughput.sagas} completed, "
+                            f"C={throughput.concurrency}, K={args.consumers})", "", ""),
+        ("raw chain rate", f"{fmt(raw_rate, ' chains/s')} ({raw['throughput']['completed']}/{raw['throughput']['chains']}"
+                           f", C={args.concurrency})", "", ""),
+        ("throughput ratio saga/raw", fmt(throughput_ratio, "", 2), f">= {TARGET_THROUGHPUT_RATIO}",
+         verdicts["throughput ratio"]),
+        ("saga latency p50 / p99", f"{fmt(ms(percentile(throughput.latencies, 50)), ' ms')} / "
+                                   f"{fmt(ms(percentile(throughput.latencies, 99)), ' ms')} (C={throughput.concurrency})",
+         "", ""),
+        ("raw chain latency p50 / p99", f"{fmt(raw['throughput']['p50_ms'], ' ms')} / "
+                                        f"{fmt(raw['throughput']['p99_ms'], ' ms')} (C={args.concurrency})", "", ""),
+        ("saga p50, 1 in flight", f"{fmt(saga_single_p50, ' ms')} (p99 {fmt(ms(percentile(single.latencies, 99)), ' ms')}"
+                                  f", n={single.completed})", "", ""),
+        ("raw chain p50, 1 in flight", f"{fmt(raw_single_p50, ' ms')} (p99 {fmt(raw['single']['p99_ms'], ' ms')}, "
+                                       f"n={raw['single']['completed']})", "", ""),
+        ("latency ratio saga/raw (1 in flight)", fmt(latency_ratio, "", 2), f"<= {TARGET_LATENCY_RATIO}",
+         verdicts["latency ratio"]),
+        ("peak RSS web", mib(memory["web"]["VmHWM"]), "", ""),
+        ("peak RSS consumer" + ("s (max)" if len(consumers) > 1 else ""), mib(consumer_peak), "", ""),
+        ("consumer RSS after 1,000 sagas", mib(max(at_1k.values())) if at_1k else "n/a (fewer sagas)", "", ""),
+        ("consumer RSS after 20,000 sagas", mib(max(at_20k.values())) if at_20k else "n/a (no --rss-growth)", "", ""),
+        ("consumer RSS growth 1k -> 20k", fmt(growth, " %", 2), f"< {TARGET_RSS_GROWTH:g} %", verdicts["rss growth"]),
+    ]
+    widths = [max(len(row[i]) for row in rows + [("metric", "value", "target", "")]) for i in range(4)]
+    line = "+".join("-" * (w + 2) for w in widths)
+    print()
+    print(" | ".join(h.ljust(w) for h, w in zip(("metric", "value", "target", "verdict"), widths)))
+    print(line)
+    for row in rows:
+        print(" | ".join(cell.ljust(w) for cell, w in zip(row, widths)))
+    print()
+    return verdicts
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,152 @@
+"""The raw broker baseline for tools/benchmark.py: 3-step command/reply chains with no state.
+
+One process, one thread, one `sagas.messaging.Broker` (so the same pika settings, persistent
+messages and publisher confirms as the orchestrator), driving chains against the demo
+participants: stock.reduce -> payment.take -> order.create, each command published to
+saga.commands with reply_to = this process's own exclusive reply queue; the next command goes
+out when the reply to the previous one arrives. Nothing is stored anywhere but in memory; every
+chain gets a fresh uuid4 as its saga_id (the participants are idempotent per saga_id and command).
+
+Like the saga consumer, it publishes the next command from inside the consume callback on the
+same connection, so the comparison is "same messaging, minus the orchestrator's state".
+
+    python tools/raw_chain.py --chains 2000 --concurrency 16 --single 200
+
+prints one JSON line with the results (needs the stack's environment: RABBITMQ_*, Django settings).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "orchestration_site.settings")
+
+import django  # noqa: E402
+
+django.setup()
+
+from sagas.messaging import COMMANDS_EXCHANGE, Broker, Delivery, encode  # noqa: E402
+
+ITEMS = [{"product_id": "sku-1", "quantity": 1}]
+STEPS = ("stock.reduce", "payment.take", "order.create")
+
+
+@dataclass
+class Chain:
+    saga_id: str
+    started: float
+    step: int = 0
+    total: str | None = None
+
+
+@dataclass
+class Pass:
+    """Run `count` chains keeping `concurrency` of them in flight."""
+
+    count: int
+    concurrency: int
+    broker: Broker
+    reply_queue: str
+    timeout: float
+    in_flight: dict[str, Chain] = field(default_factory=dict)
+    latencies: list[float] = field(default_factory=list)
+    started_chains: int = 0
+    failures: list[str] = field(default_factory=list)
+    first_sent: float | None = None
+    last_done: float | None = None
+
+    def run(self) -> dict:
+        for _ in range(min(self.concurrency, self.count)):
+            self._start_chain()
+        deadline = time.monotonic() + self.timeout
+        self.broker.consume(self.reply_queue, self._on_reply, prefetch=max(50, self.concurrency * 2),
+                            should_stop=lambda: self._finished() or time.monotonic() > deadline, tick_seconds=0.05)
+        done = len(self.latencies)
+        elapsed = (self.last_done - self.first_sent) if done and self.last_done else 0.0
+        return {
+            "chains": self.count, "completed": done, "concurrency": self.concurrency,
+            "seconds": round(elapsed, 3), "chains_per_s": round(done / elapsed, 2) if elapsed else 0.0,
+            "latencies_ms": [round(x * 1000, 3) for x in self.latencies], "failures": self.failures[:10],
+            "timed_out": self.count - done - len(self.failures),
+        }
+
+    def _finished(self) -> bool:
+        return not self.in_flight and self.started_chains >= self.count
+
+    def _start_chain(self) -> None:
+        chain = Chain(saga_id=str(uuid.uuid4()), started=time.perf_counter())
+        if self.first_sent is None:
+            self.first_sent = chain.started
+        self.in_flight[chain.saga_id] = chain
+        self.started_chains += 1
+        self._send(chain)
+
+    def _send(self, chain: Chain) -> None:
+        command = STEPS[chain.step]
+        if command == "stock.reduce":
+            payload = {"items": ITEMS}
+        elif command == "payment.take":
+            payload = {"user_id": "alice", "amount": chain.total, "currency": "EUR", "payment_method": None}
+        else:
+            payload = {"user_id": "alice", "items": ITEMS, "amount": chain.total, "currency": "EUR"}
+        body = {"saga_id": chain.saga_id, "command": command, "attempt": 1, "payload": payload}
+        self.broker.publish(exchange=COMMANDS_EXCHANGE, routing_key=command, body=encode(body),
+                            correlation_id=chain.saga_id, reply_to=self.reply_queue)
+
+    def _on_reply(self, delivery: Delivery) -> None:
+        reply = json.loads(delivery.body)
+        chain = self.in_flight.get(reply.get("saga_id"))
+        if chain is None or reply.get("command") != STEPS[chain.step]:
+            return  # a duplicate or a leftover of an earlier pass
+        if reply.get("status") != "success":
+            self.failures.append(f"{reply.get('command')}: {reply.get('reason')}")
+            del self.in_flight[chain.saga_id]
+        elif chain.step + 1 < len(STEPS):
+            if chain.step == 0:
+                chain.total = reply["data"]["total"]
+            chain.step += 1
+            self._send(chain)
+            return
+        else:
+            now = time.perf_counter()
+            self.latencies.append(now - chain.started)
+            self.last_done = now
+            del self.in_flight[chain.saga_id]
+        if self.started_chains < self.count:
+            self._start_chain()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--chains", type=int, default=2000, help="chains in the throughput pass")
+    parser.add_argument("--concurrency", type=int, default=16, help="chains in flight in the throughput pass")
+    parser.add_argument("--single", type=int, default=200, help="chains in the one-in-flight pass (0: skip)")
+    parser.add_argument("--warmup", type=int, default=50, help="chains before measuring (not reported)")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds a pass may take")
+    args = parser.parse_args()
+
+    broker = Broker()
+    # A private queue for the replies: exclusive, gone with this connection. Bound to amq.direct
+    # under its own unique key only because that is what Broker offers; replies come by name.
+    reply_queue = broker.bind_temporary_queue("amq.direct", f"raw-chain-{uuid.uuid4()}")
+    results = {"reply_queue": reply_queue}
+    try:
+        if args.warmup:
+            Pass(args.warmup, args.concurrency, broker, reply_queue, args.timeout).run()
+        results["throughput"] = Pass(args.chains, args.concurrency, broker, reply_queue, args.timeout).run()
+        if args.single:
+            results["single"] = Pass(args.single, 1, broker, reply_queue, args.timeout).run()
+    finally:
+        broker.close()
+    print(json.dumps(results), flush=True)
+
+
+if __name__ == "__main__":
+    main()
