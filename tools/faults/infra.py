@@ -1,0 +1,201 @@
+"""The machine's shared services (PostgreSQL, Redis, RabbitMQ) as a fault run sees them: a
+sandbox of its own in each (database, Redis db number, vhost), the faults that break them,
+and `heal`, which brings every one of them back.
+
+Restarting a shared service disturbs other people's runs on the machine for a moment; every
+restart here brings the service back in a `finally`, so an interrupted run never leaves one down.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import time
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import pika
+import pika.exceptions
+import psycopg
+import redis
+
+log = logging.getLogger(__name__)
+
+POSTGRES_ADMIN_URL = os.environ.get("FAULTS_POSTGRES_ADMIN_URL", "postgres://postgres@127.0.0.1:5432/postgres")
+REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
+RABBITMQ_HOST, RABBITMQ_PORT, RABBITMQ_USER, RABBITMQ_PASSWORD = "127.0.0.1", 5672, "guest", "guest"
+REDIS_START = ["redis-server", "--daemonize", "yes", "--bind", "127.0.0.1", "-::1", "--port", str(REDIS_PORT),
+               "--save", "", "--appendonly", "no", "--dir", "/var/lib/redis", "--logfile", "/var/log/redis/ci.log"]
+
+
+def _run(argv: list[str], *, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} failed ({result.returncode}): {result.stderr.strip() or result.stdout.strip()}")
+    return result
+
+
+@dataclass
+class Sandbox:
+    """A database, a Redis db number and a RabbitMQ vhost that only this run uses."""
+
+    name: str
+    redis_db: int
+
+    @property
+    def database_url(self) -> str:
+        admin = urlsplit(POSTGRES_ADMIN_URL)
+        return admin._replace(path=f"/{self.name}").geturl()
+
+    @property
+    def vhost(self) -> str:
+        return self.name
+
+    def create(self) -> None:
+        with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
+            admin.execute(f'CREATE DATABASE "{self.name}"')
+        _run(["rabbitmqctl", "-q", "add_vhost", self.vhost], check=False)
+        _run(["rabbitmqctl", "-q", "set_permissions", "-p", self.vhost, RABBITMQ_USER, ".*", ".*", ".*"])
+        redis_client(self.redis_db).flushdb()
+
+    def destroy(self) -> None:
+        """Remove everything the run created. Best effort: each part is tried."""
+        try:
+            with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as admin:
+                admin.execute(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
+        except psycopg.Error as error:
+            log.warning("database %s not dropped: %r", self.name, error)
+        _run(["rabbitmqctl", "-q", "delete_vhost", self.vhost], check=False)
+        try:
+            redis_client(self.redis_db).flushdb()
+        except redis.RedisError as error:
+            log.warning("redis db %s not flushed: %r", self.redis_db, error)
+
+
+def redis_client(db: int) -> redis.Redis:
+    return redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=db, socket_timeout=5, socket_connect_timeout=5)
+
+
+# --- faults on the shared services ----------------------------------------------------------
+
+
+def postgres_cluster() -> tuple[str, str]:
+    versions = sorted(os.listdir("/etc/postgresql"))
+    return versions[-1], "main"
+
+
+def restart_postgres(down: float) -> None:
+    version, cluster = postgres_cluster()
+    _run(["pg_ctlcluster", "--skip-systemctl-redirect", version, cluster, "stop", "-m", "fast"])
+    try:
+        time.sleep(down)
+    finally:
+        _run(["pg_ctlcluster", "--skip-systemctl-redirect", version, cluster, "start"])
+
+
+def restart_rabbitmq(down: float) -> None:
+    _run(["rabbitmqctl", "-q", "stop_app"])
+    try:
+        time.sleep(down)
+    finally:
+        _run(["rabbitmqctl", "-q", "start_app"])
+
+
+def flush_redis(db: int) -> None:
+    redis_client(db).flushdb()
+
+
+def heal() -> list[str]:
+    """Bring every shared service back up; returns what had to be started."""
+    started = []
+    version, cluster = postgres_cluster()
+    status = _run(["pg_ctlcluster", "--skip-systemctl-redirect", version, cluster, "status"], check=False)
+    if status.returncode != 0:
+        _run(["pg_ctlcluster", "--skip-systemctl-redirect", version, cluster, "start"])
+        started.append("postgresql")
+    if _run(["rabbitmqctl", "-q", "await_startup", "--timeout", "2"], check=False).returncode != 0:
+        _run(["rabbitmqctl", "-q", "start_app"])
+        started.append("rabbitmq")
+    try:
+        redis_client(0).ping()
+    except redis.RedisError:
+        _run(REDIS_START)
+        started.append("redis")
+    return started
+
+
+# --- looking at the broker from outside ------------------------------------------------------
+
+
+def _connection(vhost: str) -> pika.BlockingConnection:
+    return pika.BlockingConnection(pika.ConnectionParameters(
+        host=RABBITMQ_HOST, port=RABBITMQ_PORT, virtual_host=vhost,
+        credentials=pika.PlainCredentials(RABBITMQ_USER, RABBITMQ_PASSWORD),
+        connection_attempts=1, socket_timeout=5, blocked_connection_timeout=10))
+
+
+def queue_totals(vhost: str) -> dict[str, int]:
+    """Messages per queue, ready and unacknowledged together."""
+    out = _run(["rabbitmqctl", "-q", "list_queues", "-p", vhost, "--no-table-headers", "name", "messages"]).stdout
+    totals = {}
+    for line in out.splitlines():
+        name, _, count = line.rpartition("\t")
+        if name:
+            totals[name] = int(count)
+    return totals
+
+
+def queue_exists(vhost: str, queue: str) -> bool:
+    try:
+        connection = _connection(vhost)
+    except pika.exceptions.AMQPError:
+        return False
+    try:
+        connection.channel().queue_declare(queue, passive=True)
+        return True
+    except pika.exceptions.ChannelClosedByBroker:
+        return False
+    finally:
+        if connection.is_open:
+            connection.close()
+
+
+@dataclass(frozen=True)
+class RawMessage:
+    message_id: str | None
+    correlation_id: str | None
+    headers: dict
+    body: bytes
+
+
+def publish_raw(vhost: str, messages: list[tuple[str, RawMessage]]) -> None:
+    """Publish (routing_key, message) pairs to the default exchange, persistent, with confirms."""
+    connection = _connection(vhost)
+    try:
+        channel = connection.channel()
+        channel.confirm_delivery()
+        for routing_key, message in messages:
+            channel.basic_publish("", routing_key, message.body, pika.BasicProperties(
+                content_type="application/json", delivery_mode=pika.DeliveryMode.Persistent,
+                message_id=message.message_id, correlation_id=message.correlation_id,
+                headers=message.headers or None), mandatory=True)
+    finally:
+        if connection.is_open:
+            connection.close()
+
+
+def take_all(vhost: str, queue: str) -> list[RawMessage]:
+    """Take (and ack) every message waiting in a queue."""
+    connection = _connection(vhost)
+    taken = []
+    try:
+        channel = connection.channel()
+        while True:
+            method, properties, body = channel.basic_get(queue, auto_ack=True)
+            if method is None:
+                return taken
+            taken.append(RawMessage(properties.message_id, properties.correlation_id, dict(properties.headers or {}), body))
+    finally:
+        if connection.is_open:
+            connection.close()
