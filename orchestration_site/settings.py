@@ -178,5 +178,5 @@ LOGGING = {
     "formatters": {"logfmt": {"()": "orchestration_site.logfmt.LogfmtFormatter"}},
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "logfmt"}},
     "root": {"handlers": ["console"], "level": env_str("LOG_LEVEL", default="INFO")},
-    "loggers": {"pika": {"level": "WARNING"}},
+    "loggers": {"pika": {"level": "CRITICAL"}},  # sagas.messaging logs what matters
 }

@@ -3,7 +3,7 @@ between messages. The broker loop itself lives in sagas.messaging."""
 import logging
 import time
 
-from django.db import DatabaseError, close_old_connections
+from django.db import DatabaseError, InterfaceError, OperationalError, close_old_connections
 
 from sagas import messaging, outbox, services
 from sagas.replies import PoisonMessage, parse_reply
@@ -46,7 +46,7 @@ class SagaConsumer:
                                   redelivered=delivery.redelivered)
         except services.SagaNotFound:
             self.dead_letter(delivery, f"unknown saga {saga_id}")
-        except (DatabaseError, services.ConcurrentChange) as error:
+        except (OperationalError, InterfaceError, services.ConcurrentChange) as error:  # an outage, not the message
             close_old_connections()
             raise messaging.RetryLater(f"database unavailable: {error!r}") from error
         except Exception as error:  # a bug: try a few times without blocking the queue, then set aside
@@ -86,4 +86,9 @@ class SagaConsumer:
         except (DatabaseError, services.ConcurrentChange) as error:
             close_old_connections()
             log.warning("deadline check or relay postponed: %r", error)
+            self._next_deadline_check = self._next_relay = now + 2.0
+        except messaging.BrokerUnavailable:
+            raise  # the consume loop reconnects
+        except Exception:
+            log.exception("deadline check or relay failed; trying again shortly")
             self._next_deadline_check = self._next_relay = now + 2.0

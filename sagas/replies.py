@@ -7,6 +7,8 @@ from sagas.engine import Reply
 from sagas.flow import STEP_BY_COMMAND
 
 MAX_REPLY_BYTES = 64 * 1024
+MAX_TOTAL = Decimal("999999999999.99")  # what the saga's total column holds
+MAX_ORDER_ID_LENGTH = 128
 
 
 class PoisonMessage(Exception):
@@ -49,14 +51,21 @@ def _required_data(command: str, data: dict) -> dict:
     if command == "stock.reduce":
         total = data.get("total")
         try:
-            if isinstance(total, bool) or not isinstance(total, (str, int, float)) or not Decimal(str(total)).is_finite():
+            if isinstance(total, bool) or not isinstance(total, (str, int, float)):
+                raise InvalidOperation
+            amount = Decimal(str(total))
+            if not amount.is_finite():
                 raise InvalidOperation
         except InvalidOperation:
             raise PoisonMessage("stock.reduce success without a decimal data.total") from None
-        return {**data, "total": f"{Decimal(str(total)):.2f}"}
+        if not 0 <= amount <= MAX_TOTAL:
+            raise PoisonMessage(f"data.total {total!r} is outside 0..{MAX_TOTAL}")
+        return {**data, "total": f"{amount:.2f}"}
     if command == "order.create":
         order_id = data.get("order_id")
         if isinstance(order_id, bool) or not isinstance(order_id, (str, int)) or str(order_id) == "":
             raise PoisonMessage("order.create success without data.order_id")
+        if len(str(order_id)) > MAX_ORDER_ID_LENGTH:
+            raise PoisonMessage(f"data.order_id is longer than {MAX_ORDER_ID_LENGTH} characters")
         return {**data, "order_id": str(order_id)}
     return data

@@ -18,7 +18,7 @@ from datetime import datetime, timezone as dt_timezone
 from decimal import Decimal
 
 from django.conf import settings
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, InterfaceError, OperationalError, transaction
 from django.utils import timezone as django_timezone
 
 from sagas import engine, live, outbox, store
@@ -26,6 +26,9 @@ from sagas.engine import Decision, Limits, Reply, SagaState
 from sagas.models import Saga, SagaStep, TimelineEntry
 
 log = logging.getLogger(__name__)
+
+
+BROKEN_SAGA_RETRY_SECONDS = 60
 
 
 class SagaNotFound(Exception):
@@ -245,10 +248,19 @@ def handle_timeout(*, saga_id: str) -> Decision:
 def handle_due_timeouts(*, limit: int = 200) -> int:
     """Act on every saga whose awaited reply is overdue. Safe with several consumers at once:
     the compare-and-set lets one of them act, the others find the deadline already moved."""
-    due = Saga.objects.filter(deadline__lte=_moment(time.time())).order_by("deadline").values_list("pk", flat=True)[:limit]
+    now = time.time()
+    due = Saga.objects.filter(deadline__lte=_moment(now)).order_by("deadline").values_list("pk", flat=True)[:limit]
     acted = 0
     for saga_id in due:
-        acted += handle_timeout(saga_id=str(saga_id)).changed
+        try:
+            acted += handle_timeout(saga_id=str(saga_id)).changed
+        except (OperationalError, InterfaceError, ConcurrentChange):
+            raise
+        except Exception:
+            # A saga we cannot decide for (a bug, a damaged row) must not stop the others: look
+            # again in a minute; it shows as stuck in the console meanwhile.
+            log.exception("deadline handling failed", extra={"saga_id": str(saga_id)})
+            Saga.objects.filter(pk=saga_id).update(deadline=_moment(now + BROKEN_SAGA_RETRY_SECONDS))
     return acted
 
 

@@ -7,7 +7,7 @@ from django_redis import get_redis_connection
 
 from sagas import messaging
 from sagas.demo.participants import ledger_summary
-from sagas.models import OutboxMessage, TimelineEntry
+from sagas.models import OutboxMessage, Saga, TimelineEntry
 from tests.conftest import ORDER, finished, wait_for
 
 pytestmark = [pytest.mark.integration]
@@ -151,3 +151,19 @@ def test_redelivered_reply_after_redis_flush_is_a_no_op(saga_stack):
     assert not entry.applied
     saga.refresh_from_db()
     assert saga.status == "completed"
+
+
+def test_a_reply_whose_handling_keeps_failing_is_tried_three_times_then_set_aside(saga_stack):
+    saga_id = start(saga_stack, order_of("sku-slow"))
+    # a bug's stand-in: the saga's stored state is unreadable, in the database and in Redis
+    Saga.objects.filter(pk=saga_id).update(state={"broken": True})
+    get_redis_connection("default").flushdb()
+    broker = messaging.Broker()
+    (dead,) = wait_for(lambda: broker.drain(messaging.DEAD_LETTER_QUEUE), what="the dead letter")
+    broker.close()
+    assert dead.headers["x-saga-handler-tries"] == 2
+    assert "handler failed 3 times" in dead.headers["x-dead-letter-reason"]
+    assert json.loads(dead.body)["saga_id"] == saga_id
+    entry = wait_for(lambda: TimelineEntry.objects.filter(saga_id=saga_id, kind="dead_letter").first(),
+                     what="the dead letter on the timeline")
+    assert "handler failed" in entry.reason

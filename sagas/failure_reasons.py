@@ -1,0 +1,43 @@
+"""A saga's failure reason in plain words, for a support person reading it out on a call.
+
+The engine and the participants speak in short machine reasons (`out_of_stock`,
+`reduce_stock_timed_out`, `payment.refund did not succeed: ...`); this turns them into sentences.
+"""
+from __future__ import annotations
+
+from sagas.flow import ORDER_SAGA
+
+STEP_WORDS = {"reduce_stock": "reserving the stock", "take_payment": "taking the payment",
+              "create_order": "creating the order"}
+COMPENSATION_WORDS = {"stock.restore": "putting the stock back", "payment.refund": "refunding the payment",
+                      "order.cancel": "cancelling the order"}
+PARTICIPANT_REASONS = {
+    "out_of_stock": "A product in the order was out of stock, so nothing was charged and the order was not placed.",
+    "unknown_product": "The order named a product the stock service does not know.",
+    "payment_declined": "The customer's payment was declined, so the order is undone: the reserved stock goes back.",
+    "invalid_payload": "A service refused a command as malformed; this is a fault on our side, not the customer's.",
+    "already_compensated": "A service had already undone this step when the command arrived late.",
+}
+STAFF_PREFIX = "compensated by staff: "
+GAVE_UP = " did not succeed: "
+
+
+def explain_failure(reason: str | None) -> str | None:
+    if not reason:
+        return None
+    if reason in PARTICIPANT_REASONS:
+        return PARTICIPANT_REASONS[reason]
+    if reason.startswith(STAFF_PREFIX):
+        return f"A staff member undid the order, giving the reason: “{reason[len(STAFF_PREFIX):]}”."
+    command, gave_up, why = reason.partition(GAVE_UP)
+    if gave_up:
+        undoing = COMPENSATION_WORDS.get(command, command)
+        return (f"Undoing the order got stuck at {undoing}: it did not succeed ({why}). Staff must act: "
+                f"resume the compensation, or mark the step compensated once it was undone by hand.")
+    for step in ORDER_SAGA:
+        if reason == f"{step.name}_timed_out":
+            return (f"The service for {STEP_WORDS[step.name]} never answered, so we gave up on it and undid "
+                    f"everything in case it had happened anyway.")
+        if reason == f"{step.name}_failed":
+            return f"{STEP_WORDS[step.name].capitalize()} failed without a reason given."
+    return f"The order failed with the reason “{reason}”."

@@ -1,0 +1,230 @@
+"""After a run: did every accepted saga finish, did every effect happen exactly as its saga's
+status says, do Redis and the database agree, is nothing left in flight, and does the
+dead-letter queue hold exactly the poison that was sent?
+
+Reads the database with plain SQL (psycopg), Redis with redis-py, the participants' ledger
+file, and the broker, so it needs nothing of the service's own code but the ledger reader.
+
+Redis rule: the database is the record; Redis is the live copy. A flush legitimately empties
+Redis, and a saga that was never read again afterwards (most finished ones) stays absent. So a
+saga missing from Redis agrees; a saga present in Redis must have the database's version and
+status. The table says how many were present.
+"""
+from __future__ import annotations
+
+import json
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from decimal import Decimal
+
+import psycopg
+
+from sagas.demo.participants import ledger_summary
+from tools.faults import infra
+from tools.faults.orders import FORBIDDEN, Order
+
+TERMINAL = ("completed", "compensated", "failed")
+ZERO = {"stock_net": 0, "paid_net": Decimal("0"), "orders_open": 0}
+
+
+@dataclass
+class Row:
+    name: str
+    value: object
+    expected: object = None  # None: for information only
+
+    @property
+    def ok(self) -> bool:
+        return self.expected is None or self.value == self.expected
+
+
+@dataclass
+class CheckReport:
+    rows: list[Row] = field(default_factory=list)
+    details: list[str] = field(default_factory=list)  # what went wrong, saga by saga
+    notes: list[str] = field(default_factory=list)  # reported, not wrong (failed sagas, outcome mix)
+
+    def add(self, name: str, value, expected=None) -> None:
+        self.rows.append(Row(name, value, expected))
+
+    def row(self, name: str) -> Row:
+        return next(row for row in self.rows if row.name == name)
+
+    @property
+    def ok(self) -> bool:
+        return all(row.ok for row in self.rows)
+
+    @property
+    def failures(self) -> list[Row]:
+        return [row for row in self.rows if not row.ok]
+
+    def table(self) -> str:
+        width = max(len(row.name) for row in self.rows)
+        lines = [f"{'check':<{width}}  {'value':>9}  {'expected':>8}  ", "-" * (width + 26)]
+        for row in self.rows:
+            expected = "" if row.expected is None else str(row.expected)
+            verdict = "" if row.expected is None else ("ok" if row.ok else "FAIL")
+            lines.append(f"{row.name:<{width}}  {str(row.value):>9}  {expected:>8}  {verdict}")
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class SagaRow:
+    saga_id: str
+    status: str
+    version: int
+    total: Decimal | None
+    items: list
+    idempotency_key: str | None
+    failure_reason: str | None
+    created_at: float
+    updated_at: float
+
+
+def read_sagas(database_url: str) -> dict[str, SagaRow]:
+    with psycopg.connect(database_url) as connection:
+        rows = connection.execute(
+            "SELECT id, status, version, total, items, idempotency_key, failure_reason, created_at, updated_at"
+            " FROM sagas_saga").fetchall()
+    return {str(r[0]): SagaRow(str(r[0]), r[1], r[2], r[3], r[4], r[5], r[6], r[7].timestamp(), r[8].timestamp())
+            for r in rows}
+
+
+def unsent_outbox(database_url: str) -> int:
+    with psycopg.connect(database_url) as connection:
+        return connection.execute("SELECT count(*) FROM sagas_outboxmessage WHERE sent_at IS NULL").fetchone()[0]
+
+
+def unfinished(database_url: str) -> int:
+    with psycopg.connect(database_url) as connection:
+        return connection.execute("SELECT count(*) FROM sagas_saga WHERE status NOT IN ('completed', 'compensated', 'failed')"
+                                  ).fetchone()[0]
+
+
+def redis_states(redis_db: int, saga_ids: list[str]) -> dict[str, tuple[int, str]]:
+    """saga_id -> (version, status) for the sagas Redis holds."""
+    client = infra.redis_client(redis_db)
+    pipe = client.pipeline(transaction=False)
+    for saga_id in saga_ids:
+        pipe.hmget(f"orchestrator:saga:{saga_id}", "version", "state")
+    present = {}
+    for saga_id, (version, state) in zip(saga_ids, pipe.execute()):
+        if version is not None or state is not None:
+            status = json.loads(state)["status"] if state else None
+            present[saga_id] = (int(version) if version is not None else None, status)
+    return present
+
+
+def check(*, orders: list[Order], database_url: str, redis_db: int, ledger_path, vhost: str,
+          poison_ids: list[str], died_on_their_own: list[str]) -> CheckReport:
+    """Everything is stopped when this runs: no process changes what it reads."""
+    report = CheckReport()
+    sagas = read_sagas(database_url)
+    accepted = [order for order in orders if order.accepted]
+    by_saga = {order.saga_id: order for order in accepted}
+    by_key = {order.key: order for order in orders}
+
+    report.add("orders sent", len(orders))
+    report.add("accepted (2xx)", len(accepted))
+    refused = Counter(str(order.status_code or next(iter(order.problems), "no answer")) for order in orders if not order.accepted)
+    report.add("not accepted (client gave up / refused)", len(orders) - len(accepted))
+    for why, count in sorted(refused.items()):
+        report.notes.append(f"not accepted: {count} x last answer {why}")
+    unknown_accepted = [o for o in accepted if o.saga_id not in sagas]
+    report.add("accepted but not in the database", len(unknown_accepted), 0)
+    started_unacknowledged = [s for s in sagas.values() if s.saga_id not in by_saga]
+    report.add("sagas in the database", len(sagas))
+    report.add("  of which never acknowledged with a 2xx", len(started_unacknowledged))
+
+    # lost: accepted and not finished (any saga in the database is checked too)
+    lost = [o for o in accepted if o.saga_id in sagas and sagas[o.saga_id].status not in TERMINAL]
+    report.add("LOST: accepted sagas not terminal", len(lost), 0)
+    stuck = [s for s in sagas.values() if s.status not in TERMINAL]
+    report.add("sagas in the database not terminal", len(stuck), 0)
+    for saga in stuck:
+        report.details.append(f"not terminal: {saga.saga_id} {saga.status} v{saga.version}")
+    statuses = Counter(s.status for s in sagas.values())
+    for status in TERMINAL:
+        report.add(f"  {status}", statuses.get(status, 0))
+
+    # effects: the ledger must say exactly what the status says
+    ledger = ledger_summary(ledger_path)
+    mismatches = []
+    for saga in sagas.values():
+        effects = ledger.get(saga.saga_id, ZERO)
+        if saga.status == "completed":
+            quantity = sum(item["quantity"] for item in saga.items)
+            expected = {"stock_net": quantity, "paid_net": saga.total, "orders_open": 1}
+        elif saga.status == "compensated":
+            expected = ZERO
+        else:
+            if saga.status == "failed":
+                report.notes.append(f"FAILED saga {saga.saga_id}: {saga.failure_reason}; ledger {_fmt(effects)}")
+            continue
+        if {k: effects[k] for k in ZERO} != expected:
+            mismatches.append(saga.saga_id)
+            report.details.append(f"ledger mismatch: {saga.saga_id} {saga.status} ({saga.failure_reason}):"
+                                  f" ledger {_fmt(effects)}, expected {_fmt(expected)}")
+    report.add("DUPLICATED/MISSING effects: ledger != status", len(mismatches), 0)
+    strangers = sorted(set(ledger) - set(sagas))
+    report.add("ledger effects for sagas not in the database", len(strangers), 0)
+
+    wrong = []
+    for saga in sagas.values():
+        order = by_saga.get(saga.saga_id) or by_key.get(saga.idempotency_key)
+        if order is None:
+            continue
+        if saga.status in FORBIDDEN.get(order.kind, ()):
+            wrong.append(f"{order.kind} order {saga.saga_id} ended {saga.status}")
+        elif saga.status == "completed" and saga.total != order.expected_total:
+            wrong.append(f"{order.kind} order {saga.saga_id} completed with total {saga.total}, catalogue says {order.expected_total}")
+    report.add("impossible outcomes (e.g. declined card completed)", len(wrong), 0)
+    report.details.extend(wrong)
+    outcome_mix = defaultdict(Counter)
+    for order in accepted:
+        if order.saga_id in sagas:
+            outcome_mix[order.kind][sagas[order.saga_id].status] += 1
+    for kind, counts in sorted(outcome_mix.items()):
+        report.notes.append(f"outcomes of {kind}: " + ", ".join(f"{s} {n}" for s, n in sorted(counts.items())))
+
+    # Redis against the database
+    present = redis_states(redis_db, list(sagas))
+    disagree = [(saga_id, state, sagas[saga_id]) for saga_id, state in present.items()
+                if state != (sagas[saga_id].version, sagas[saga_id].status)]
+    report.add("sagas present in Redis", len(present))
+    report.add("Redis disagrees with the database (present ones)", len(disagree), 0)
+    for saga_id, (version, status), saga in disagree:
+        report.details.append(f"redis {saga_id}: v{version} {status}, database v{saga.version} {saga.status}")
+
+    # nothing in flight
+    depths = infra.queue_totals(vhost)
+    report.add("messages left in saga.replies", depths.get("saga.replies", 0), 0)
+    report.add("commands left in participant queues",
+               sum(depths.get(q, 0) for q in ("stock.commands", "payment.commands", "order.commands")), 0)
+    report.add("outbox rows not sent", unsent_outbox(database_url), 0)
+
+    # dead letters: exactly the poison
+    dead = infra.take_all(vhost, "saga.replies.dead")
+    seen = Counter(message.message_id for message in dead)
+    injected = set(poison_ids)
+    report.add("poison injected", len(poison_ids))
+    report.add("dead letters", len(dead), len(poison_ids))
+    missing = sorted(injected - set(seen))
+    report.add("poison missing from the dead-letter queue", len(missing), 0)
+    unexpected = [m for m in dead if m.message_id not in injected]
+    report.add("dead letters that were not poison", len(unexpected), 0)
+    duplicates = sum(count - 1 for message_id, count in seen.items() if message_id in injected and count > 1)
+    report.add("poison dead-lettered twice", duplicates, 0)
+    for message_id in missing:
+        report.details.append(f"poison not dead-lettered: {message_id}")
+    for message in unexpected:
+        report.details.append(f"unexpected dead letter {message.message_id} ({message.headers.get('x-dead-letter-reason')}):"
+                              f" {message.body[:200]!r}")
+
+    report.add("processes that died on their own", len(died_on_their_own), 0)
+    report.details.extend(f"died on its own: {name}" for name in died_on_their_own)
+    return report
+
+
+def _fmt(effects: dict) -> str:
+    return f"stock {effects['stock_net']} paid {effects['paid_net']} orders {effects['orders_open']}"
