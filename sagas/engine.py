@@ -111,7 +111,7 @@ def _with_step(state: SagaState, name: str, **changes) -> SagaState:
     return replace(state, steps=tuple(replace(s, **changes) if s.name == name else s for s in state.steps))
 
 
-def _ignored(state: SagaState, note: str) -> Decision:
+def ignored(state: SagaState, note: str) -> Decision:
     return Decision(state=state, note=note, changed=False)
 
 
@@ -180,12 +180,12 @@ def start(*, saga_id: str, facts: dict, limits: Limits, now: float) -> Decision:
 def on_reply(state: SagaState, reply: Reply, *, limits: Limits, now: float) -> Decision:
     definition = STEP_BY_COMMAND.get(reply.command)
     if definition is None:
-        return _ignored(state, f"unknown command {reply.command}")
+        return ignored(state, f"unknown command {reply.command}")
     awaited = state.awaiting
     if awaited is None or awaited.command != reply.command or awaited.attempt != reply.attempt:
         return _late_reply(state, reply, definition)
     if awaited.answered:
-        return _ignored(state, "duplicate reply")
+        return ignored(state, "duplicate reply")
     if reply.command == definition.command:
         return _forward_reply(state, reply, definition, limits, now)
     return _compensation_reply(state, reply, definition, limits, now)
@@ -202,8 +202,8 @@ def _late_reply(state: SagaState, reply: Reply, definition: StepDefinition) -> D
         command = Command(state.saga_id, definition.compensation, attempt, payload)
         return Decision(state=state, messages=(command,), note="late success after compensation: compensation sent again")
     if state.status in TERMINAL:
-        return _ignored(state, f"reply for a {state.status} saga")
-    return _ignored(state, "reply not awaited (duplicate or stale attempt)")
+        return ignored(state, f"reply for a {state.status} saga")
+    return ignored(state, "reply not awaited (duplicate or stale attempt)")
 
 
 def _forward_reply(state: SagaState, reply: Reply, definition: StepDefinition, limits: Limits, now: float) -> Decision:
@@ -237,7 +237,7 @@ def on_timeout(state: SagaState, *, limits: Limits, now: float) -> Decision:
     """Send the awaited command again, or give up on it, once its deadline has passed."""
     awaited = state.awaiting
     if awaited is None or now < awaited.deadline:
-        return _ignored(state, "no deadline passed")
+        return ignored(state, "no deadline passed")
     definition = STEP_BY_COMMAND[awaited.command]
     step = state.step(definition.name)
     if awaited.command == definition.command:

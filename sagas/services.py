@@ -185,13 +185,16 @@ def load_saga_state(saga_id: str, *, from_database: bool = False) -> SagaState:
     return state
 
 
-def _transition(saga_id: str, decide: Callable[[SagaState], Decision], cause: Cause, *, record_ignored: bool = True) -> Decision:
-    from_database = False
+def _transition(saga_id: str, decide: Callable[[SagaState, float], Decision], cause: Cause, *,
+                record_ignored: bool = True, from_database: bool = False) -> Decision:
     for _ in range(8):
         before = load_saga_state(saga_id, from_database=from_database)
         now = time.time()
-        decision = _ignored(before, "duplicate reply: already applied") if _in_inbox(saga_id, cause) else decide(before, now)
+        decision = engine.ignored(before, "duplicate reply: already applied") if _in_inbox(saga_id, cause) else decide(before, now)
         if not decision.changed:
+            if not from_database and not Saga.objects.filter(pk=saga_id, version=before.version).exists():
+                from_database = True  # Redis was behind: judge the event against the record of truth
+                continue
             if record_ignored:
                 TimelineEntry.objects.bulk_create(_timeline(saga_id, cause, decision, before, now))
                 _log_decision(cause, decision)
@@ -203,7 +206,7 @@ def _transition(saga_id: str, decide: Callable[[SagaState], Decision], cause: Ca
             with transaction.atomic():
                 if Saga.objects.filter(pk=saga_id, version=before.version).update(**_row_fields(state)) != 1:
                     raise _Lost()
-                for position, (old, new) in enumerate(zip(before.steps, state.steps)):
+                for old, new in zip(before.steps, state.steps):
                     if old != new:
                         SagaStep.objects.filter(saga_id=saga_id, name=new.name).update(
                             status=new.status, attempts=new.attempts, compensation_attempts=new.compensation_attempts)
@@ -220,10 +223,6 @@ def _transition(saga_id: str, decide: Callable[[SagaState], Decision], cause: Ca
 
 class _Lost(Exception):
     pass
-
-
-def _ignored(state: SagaState, note: str) -> Decision:
-    return Decision(state=state, note=note, changed=False)
 
 
 def _in_inbox(saga_id: str, cause: Cause) -> bool:
@@ -265,8 +264,9 @@ def handle_due_timeouts(*, limit: int = 200) -> int:
 
 
 def _staff_action(saga_id: str, action: str, decide, *, actor: str, reason: str) -> Decision:
-    cause = Cause(kind=TimelineEntry.Kind.STAFF, actor=actor, reason=reason, body={"action": action})
-    return _transition(saga_id, decide, replace(cause, status=action), record_ignored=False)
+    cause = Cause(kind=TimelineEntry.Kind.STAFF, command=action, actor=actor, reason=reason)
+    # a person decides on what the record of truth says, not on a cache that may be behind
+    return _transition(saga_id, decide, cause, record_ignored=False, from_database=True)
 
 
 def compensate_saga(*, saga_id: str, actor: str, reason: str) -> Decision:
