@@ -8,6 +8,7 @@ and what was sent. A state that does not allow the action comes back as the engi
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -19,7 +20,7 @@ from django.template.response import TemplateResponse
 from django.urls import reverse
 
 from sagas import engine, services
-from sagas.engine import ActionRefused, Decision, SagaState
+from sagas.engine import ActionRefused, Decision, Limits, SagaState
 
 
 class ReasonForm(forms.Form):
@@ -55,12 +56,24 @@ class MarkStepForm(ReasonForm):
     def __init__(self, *args, state: SagaState, **kwargs):
         super().__init__(*args, state=state, **kwargs)
         self.fields["step_name"].choices = [
-            (step.name, f"{step.name} (now {step.status}, {step.compensation_attempts} undo attempts)")
+            (step.name, f"{step.name} (now {step.status}, {step.compensation_attempts} "
+                        f"undo attempt{'' if step.compensation_attempts == 1 else 's'})")
             for step in state.steps
         ]
 
     def service_arguments(self) -> dict:
         return {**super().service_arguments(), "step_name": self.cleaned_data["step_name"]}
+
+
+def _mark_some_step(state: SagaState, *, limits: Limits, now: float) -> Decision:
+    """Marking by hand is possible if it is possible for one of the steps."""
+    refusal = None
+    for step in state.steps:
+        try:
+            return engine.mark_compensated(state, step_name=step.name, limits=limits, now=now)
+        except ActionRefused as refused:
+            refusal = refused
+    raise refusal
 
 
 @dataclass(frozen=True)
@@ -70,23 +83,35 @@ class StaffAction:
     permission: str  # a codename from Saga.Meta.permissions
     form: type[ReasonForm]
     service: Callable[..., Decision]
+    # the engine's pure rule behind the service: tried without saving to learn whether the state allows it
+    rule: Callable[..., Decision]
     explanation: str
 
     @property
     def url_name(self) -> str:
         return f"sagas_saga_{self.slug.replace('-', '_')}"
 
+    def refusal(self, state: SagaState) -> str | None:
+        """The engine's sentence if the saga's state does not allow this action now, else None."""
+        try:
+            self.rule(state, limits=services.saga_limits(), now=time.time())
+        except ActionRefused as refused:
+            return str(refused)
+        return None
+
 
 ACTIONS = (
     StaffAction("compensate", "Compensate", "compensate_saga", CompensateForm, services.compensate_saga,
+                lambda state, **kwargs: engine.compensate(state, reason="", **kwargs),
                 "Undo every step that took effect, latest first. Works on running, completed and failed sagas; "
                 "a command still in flight is undone too, in case it took effect."),
-    StaffAction("retry", "Retry now", "retry_saga", ReasonForm, services.retry_saga_step,
+    StaffAction("retry", "Retry now", "retry_saga", ReasonForm, services.retry_saga_step, engine.retry_now,
                 "Send the command the saga is waiting for again now, instead of at its deadline."),
     StaffAction("resume", "Resume compensation", "resume_saga", ReasonForm, services.resume_saga_compensation,
+                engine.resume_compensation,
                 "Start undoing again a failed saga whose compensation gave up, with a fresh set of attempts."),
     StaffAction("mark-compensated", "Mark a step compensated", "mark_step_compensated", MarkStepForm,
-                services.mark_step_compensated,
+                services.mark_step_compensated, _mark_some_step,
                 "Record that a step was undone by hand (e.g. a refund made in the payment provider). "
                 "The saga then undoes what is left, or ends compensated when nothing else is owed."),
 )
@@ -118,14 +143,20 @@ def describe_sent(decision: Decision) -> str:
 
 
 def run_action(model_admin, request, object_id: str, action: StaffAction):
-    """The action's page: GET asks for the reason (and shows the plan); POST calls the service."""
+    """The action's page: GET asks for the reason (and shows the plan); POST calls the service.
+    An action the saga's state does not allow sends the person back with the engine's sentence."""
     saga = model_admin.get_object(request, object_id)
     if saga is None:
         raise Http404("No such saga.")
     if not (model_admin.has_view_permission(request, saga) and request.user.has_perm(f"sagas.{action.permission}")):
         raise PermissionDenied
     saga_page = reverse("admin:sagas_saga_change", args=[saga.pk])
-    state = services.load_saga_state(str(saga.pk))
+    # the record of truth, which the staff services decide on too; Redis may be a step behind
+    state = services.load_saga_state(str(saga.pk), from_database=True)
+    refusal = action.refusal(state)
+    if refusal and request.method != "POST":
+        messages.error(request, refusal)
+        return HttpResponseRedirect(saga_page)
     form = action.form(request.POST if request.method == "POST" else None, state=state)
     if form.is_bound and form.is_valid():
         if isinstance(form, CompensateForm) and form.plan_is_stale():

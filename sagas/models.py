@@ -50,6 +50,8 @@ class Saga(models.Model):
             models.Index(fields=["order_id"], name="saga_order"),
             models.Index(fields=["-created_at"], name="saga_age"),
             models.Index(fields=["-updated_at"], name="saga_last_change"),
+            # the support console's counts per status and step, read from the index alone
+            models.Index(fields=["status", "current_step"], name="saga_status_step"),
         ]
         permissions = [
             ("compensate_saga", "Can compensate a saga"),

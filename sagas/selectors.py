@@ -16,10 +16,11 @@ LIST_COLUMNS = ("id", "status", "current_step", "user_id", "total", "currency", 
 STEP_NAMES = tuple(step.name for step in ORDER_SAGA)
 
 
-def counts_by(queryset: QuerySet, column: str) -> dict:
-    """{value: number of sagas} for one column, in one GROUP BY query over the (filtered) list."""
-    rows = queryset.order_by().values(column).annotate(n=Count("pk")).values_list(column, "n")
-    return dict(rows)
+def counts_by_status_and_step(queryset: QuerySet) -> dict[tuple[str, str | None], int]:
+    """{(status, current step): number of sagas} of the (filtered) list, in one GROUP BY that the
+    index saga_status_step answers without reading the rows."""
+    rows = queryset.order_by().values("status", "current_step").annotate(n=Count("*"))
+    return {(row["status"], row["current_step"]): row["n"] for row in rows}
 
 
 def stuck_condition(now) -> Q:
@@ -63,15 +64,21 @@ class DiagramStep:
     current: bool
     # the command in flight for this step, if any: the forward one or its compensation
     awaiting: engine.Awaiting | None
-
-    @property
-    def compensation_started(self) -> bool:
-        return self.state.compensation_attempts > 0
+    # where undoing this step stands, in words; None when there is nothing of it to undo
+    undo: str | None
 
 
-def step_diagram(saga: Saga) -> list[DiagramStep]:
-    """The saga's steps in flow order, from the engine state mirrored on the row."""
-    state = engine.state_from_dict(saga.state)
+def _undo(saga: engine.SagaState, step: engine.StepState) -> str | None:
+    if step.status == engine.STEP_COMPENSATED:
+        return "done"
+    if step.status == engine.STEP_COMPENSATING:
+        attempts = f"{step.compensation_attempts} attempt{'s' if step.compensation_attempts != 1 else ''}"
+        return f"gave up after {attempts}" if saga.status == engine.FAILED else f"in flight, {attempts}"
+    return "owed" if step.status in engine.OWED else None
+
+
+def step_diagram(state: engine.SagaState) -> list[DiagramStep]:
+    """The saga's steps in flow order, from the engine state mirrored on its row."""
     return [
         DiagramStep(
             position=position,
@@ -79,6 +86,7 @@ def step_diagram(saga: Saga) -> list[DiagramStep]:
             state=state.step(definition.name),
             current=state.current_step == definition.name,
             awaiting=state.awaiting if state.current_step == definition.name else None,
+            undo=_undo(state, state.step(definition.name)),
         )
         for position, definition in enumerate(ORDER_SAGA, start=1)
     ]

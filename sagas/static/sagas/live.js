@@ -12,14 +12,19 @@
   var RETRY_MAX_MS = 10000;
   var FORBIDDEN = 4403;          // sagas.live_socket closes with this for anyone but staff
 
-  var indicator = document.getElementById("saga-live-status");
-  if (!indicator || !window.WebSocket) return;
+  var first = document.getElementById("saga-live-status");
+  if (!first || !window.WebSocket) return;
+  var socketPath = first.dataset.socket;
+  var shown = { state: "connecting", text: "connecting…" };
 
   var refreshTimer = null;
   var lastRefresh = 0;
   var retryMs = 500;
 
+  // The indicator may sit in a region that a refresh replaces: look it up each time.
   function show(state, text) {
+    shown = { state: state, text: text };
+    var indicator = document.getElementById("saga-live-status");
     indicator.dataset.state = state;
     indicator.textContent = text;
   }
@@ -41,14 +46,16 @@
   function refresh() {
     refreshTimer = null;
     lastRefresh = Date.now();
-    fetch(window.location.href, { credentials: "same-origin", headers: { "X-Requested-With": "live.js" } })
+    fetch(window.location.href, { credentials: "same-origin" })
       .then(function (response) {
         if (!response.ok) throw new Error("HTTP " + response.status);
         return response.text();
       })
       .then(function (html) {
-        swapRegions(new DOMParser().parseFromString(html, "text/html"));
-        document.dispatchEvent(new CustomEvent("saga:refreshed"));
+        var fresh = new DOMParser().parseFromString(html, "text/html");
+        swapRegions(fresh);
+        document.title = fresh.title;
+        show(shown.state, shown.text);
       })
       .catch(function (error) { show("stale", "live: refresh failed (" + error.message + ")"); });
   }
@@ -61,7 +68,7 @@
 
   function connect() {
     var scheme = window.location.protocol === "https:" ? "wss://" : "ws://";
-    var socket = new WebSocket(scheme + window.location.host + indicator.dataset.socket);
+    var socket = new WebSocket(scheme + window.location.host + socketPath);
     socket.onopen = function () {
       retryMs = 500;
       show("live", "● live");
