@@ -4,6 +4,7 @@ import os
 os.environ.setdefault("DJANGO_SECRET_KEY", "tests-only-not-secret")
 os.environ.setdefault("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/orchestrator")
 os.environ.setdefault("REDIS_DB", "1")
+os.environ.setdefault("RABBITMQ_VHOST", "orchestrator-tests")  # tools/test_setup.sh creates it
 
 from orchestration_site.settings import *  # noqa: E402,F401,F403
 
