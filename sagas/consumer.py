@@ -31,12 +31,16 @@ class SagaConsumer:
     def run(self) -> None:
         outbox.use_publisher(self.broker)
         self.broker.consume(messaging.REPLIES_QUEUE, self.handle_delivery, prefetch=self.prefetch,
-                            should_stop=lambda: self.stopping, tick=self.tick)
+                            should_stop=lambda: self.stopping, tick=self.tick,
+                            busy_tick=lambda: self.tick(deadlines=False))
+        try:
+            outbox.flush_sent()
+        except DatabaseError:  # the relay sends those rows again; participants take them as repeats
+            log.warning("could not mark the last published rows sent")
         self.broker.close()
         log.info("consumer stopped", extra={"dead_lettered": self.dead_lettered})
 
     def handle_delivery(self, delivery: messaging.Delivery) -> None:
-        close_old_connections()
         try:
             saga_id, reply = parse_reply(delivery.body)
         except PoisonMessage as poison:
@@ -73,12 +77,16 @@ class SagaConsumer:
         except DatabaseError:  # the dead-letter queue has it; the timeline line is a courtesy
             log.warning("dead letter not put on the timeline", extra={"saga_id": delivery.correlation_id})
 
-    def tick(self) -> None:
+    def tick(self, *, deadlines: bool = True) -> None:
+        """Deadlines and the outbox relay. During a backlog of replies (`deadlines=False`) only the
+        relay: the replies that deadlines would give up on may be waiting in the backlog, and
+        resending for them would only grow it (with short step timeouts, a storm of resends)."""
         now = time.monotonic()
         try:
-            if now >= self._next_deadline_check:
+            close_old_connections()
+            outbox.flush_sent()
+            if deadlines and now >= self._next_deadline_check:
                 self._next_deadline_check = now + self.deadline_check_seconds
-                close_old_connections()
                 services.handle_due_timeouts()
             if now >= self._next_relay:
                 self._next_relay = now + 1.0

@@ -162,21 +162,27 @@ class Broker:
         should_stop: Callable[[], bool],
         tick: Callable[[], None] = lambda: None,
         tick_seconds: float = 0.2,
+        busy_tick: Callable[[], None] | None = None,
     ) -> None:
         """Deliver messages to `handle` until `should_stop()`; ack each after `handle` returns.
 
         `handle` raising `RetryLater` puts the message back after a pause (an outage, not the
-        message's fault). `tick` runs between deliveries and at least every `tick_seconds`.
+        message's fault). `tick` runs between deliveries and at least every `tick_seconds`
+        while the queue is idle; pika goes on dispatching as long as the queue holds messages,
+        so during a backlog `busy_tick` (if given) runs instead, at least every `tick_seconds`.
         A lost connection is reopened with backoff; unacked messages come back by themselves.
         """
         backoff = Backoff()
         while not should_stop():
             try:
                 self._ensure()
-                consume_channel = self._connection.channel()
+                connection = self._connection
+                consume_channel = connection.channel()
                 consume_channel.basic_qos(prefetch_count=prefetch)
+                last_tick = time.monotonic()
 
                 def on_message(ch, method, properties, body):
+                    nonlocal last_tick
                     if should_stop():
                         ch.basic_nack(method.delivery_tag, requeue=True)
                         return
@@ -196,12 +202,20 @@ class Broker:
                         time.sleep(1.0)
                         return
                     ch.basic_ack(method.delivery_tag)
+                    if busy_tick is not None and time.monotonic() - last_tick >= tick_seconds:
+                        last_tick = time.monotonic()
+                        busy_tick()
 
                 consume_channel.basic_consume(queue_name, on_message)
                 log.info("consuming", extra={"queue": queue_name, "prefetch": prefetch})
                 backoff.reset()
                 while not should_stop():
-                    self._connection.process_data_events(time_limit=tick_seconds)
+                    if self._connection is not connection or not consume_channel.is_open:
+                        # a publish (in tick or handle) lost the connection and closed it, and may
+                        # have opened another one that has no consumer: consume again
+                        raise BrokerUnavailable("connection lost while publishing")
+                    connection.process_data_events(time_limit=tick_seconds)
+                    last_tick = time.monotonic()
                     tick()
                 consume_channel.close()
             except (BrokerUnavailable, *CONNECTION_ERRORS) as error:

@@ -19,8 +19,12 @@ _thread = threading.local()
 
 
 def use_publisher(publisher) -> None:
-    """Publish from this thread through its own broker connection (the consumer's) instead of the pool."""
+    """Publish from this thread through its own broker connection (the consumer's) instead of the
+    pool, and mark rows sent in batches (`flush_sent`) rather than with a commit per message: a row
+    sent but not yet marked when the process dies is sent again by the relay, which participants
+    answer as the same request."""
     _thread.publisher = publisher
+    _thread.unmarked = []
 
 
 def _current_publisher():
@@ -55,9 +59,25 @@ def publish(rows: list[OutboxMessage]) -> int:
                                          "attempt": row.body.get("attempt"), "message_id": str(row.message_id)})
     except messaging.BrokerUnavailable as error:
         log.warning("publish deferred to the outbox relay: %s", error, extra={"saga_id": str(rows[len(sent)].saga_id)})
-    if sent:
-        OutboxMessage.objects.filter(pk__in=sent).update(sent_at=timezone.now())
+    unmarked = getattr(_thread, "unmarked", None)
+    if unmarked is None:
+        _mark_sent(sent)
+    else:
+        unmarked.extend(sent)
     return len(sent)
+
+
+def _mark_sent(ids: list[int]) -> None:
+    if ids:
+        OutboxMessage.objects.filter(pk__in=ids).update(sent_at=timezone.now())
+
+
+def flush_sent() -> None:
+    """Mark the rows this thread published since the last flush."""
+    unmarked = getattr(_thread, "unmarked", None)
+    if unmarked:
+        _mark_sent(unmarked)
+        unmarked.clear()
 
 
 def relay_pending(*, older_than: float = 2.0, limit: int = 200) -> int:
@@ -72,5 +92,6 @@ def relay_pending(*, older_than: float = 2.0, limit: int = 200) -> int:
         if not rows:
             return 0
         sent = publish(rows)
+        flush_sent()  # while the rows are still locked, so no other relay sends them again
     log.info("outbox relay", extra={"pending": len(rows), "sent": sent})
     return sent
