@@ -222,7 +222,7 @@ class Broker:
                 self.close()
                 pause = backoff.next()
                 log.warning("RabbitMQ unavailable, retrying in %.1fs: %r", pause, error, extra={"queue": queue_name})
-                _sleep_unless(should_stop, pause, tick)
+                _sleep_unless(should_stop, pause)
 
     def bind_temporary_queue(self, exchange: str, routing_key: str) -> str:
         """A private queue bound to `exchange`, gone when this connection closes (for listeners and tests)."""
@@ -274,14 +274,12 @@ class Backoff:
         self.current = self.first
 
 
-def _sleep_unless(should_stop: Callable[[], bool], seconds: float, tick: Callable[[], None]) -> None:
+def _sleep_unless(should_stop: Callable[[], bool], seconds: float) -> None:
+    # No tick while the broker is away: deadline checks would spend a command's attempts on
+    # resends that cannot leave, and turn a broker outage into given-up steps.
     end = time.monotonic() + seconds
     while not should_stop() and time.monotonic() < end:
         time.sleep(min(0.1, max(0.0, end - time.monotonic())))
-    try:
-        tick()
-    except Exception:  # the tick may need the broker too; it will run again after reconnecting
-        log.debug("tick failed while the broker was away", exc_info=True)
 
 
 class BrokerPool:

@@ -24,6 +24,7 @@ from tools.faults import infra
 from tools.faults.orders import FORBIDDEN, Order
 
 TERMINAL = ("completed", "compensated", "failed")
+EVENTS_QUEUE = "faults.events"  # bound to saga.events by the runner, as a related service would
 ZERO = {"stock_net": 0, "paid_net": Decimal("0"), "orders_open": 0}
 
 
@@ -202,6 +203,22 @@ def check(*, orders: list[Order], database_url: str, redis_db: int, ledger_path,
     report.add("commands left in participant queues",
                sum(depths.get(q, 0) for q in ("stock.commands", "payment.commands", "order.commands")), 0)
     report.add("outbox rows not sent", unsent_outbox(database_url), 0)
+
+    # events: every finished saga told the related services its final status (at least once)
+    told = defaultdict(list)
+    for message in infra.take_all(vhost, EVENTS_QUEUE):
+        body = json.loads(message.body)
+        told[body["saga_id"]].append(body["status"])
+    finished = [s for s in sagas.values() if s.status in TERMINAL]
+    untold = [s for s in finished if s.status not in told.get(s.saga_id, [])]
+    report.add("finished sagas without their saga.<status> event", len(untold), 0)
+    wrong_events = [(saga_id, statuses) for saga_id, statuses in told.items()
+                    if saga_id not in sagas or any(status != sagas[saga_id].status for status in statuses)]
+    report.add("events that contradict the saga's status", len(wrong_events), 0)
+    report.add("  events published more than once (at-least-once)", sum(len(v) - 1 for v in told.values()))
+    report.details.extend(f"no event for {s.saga_id} ({s.status})" for s in untold)
+    report.details.extend(f"events {statuses} for {saga_id} ({sagas[saga_id].status if saga_id in sagas else 'unknown'})"
+                          for saga_id, statuses in wrong_events)
 
     # dead letters: exactly the poison
     dead = infra.take_all(vhost, "saga.replies.dead")

@@ -199,3 +199,23 @@ def take_all(vhost: str, queue: str) -> list[RawMessage]:
     finally:
         if connection.is_open:
             connection.close()
+
+
+def declare_queue(vhost: str, queue: str, *, bind_to: tuple[str, str] | None = None) -> None:
+    """A durable queue, optionally bound to (exchange, routing key)."""
+    connection = _connection(vhost)
+    try:
+        channel = connection.channel()
+        channel.queue_declare(queue, durable=True)
+        if bind_to:
+            channel.queue_bind(queue, bind_to[0], routing_key=bind_to[1])
+    finally:
+        connection.close()
+
+
+def delete_queue(vhost: str, queue: str) -> None:
+    connection = _connection(vhost)
+    try:
+        connection.channel().queue_delete(queue)
+    finally:
+        connection.close()

@@ -104,7 +104,11 @@ class OrderClient:
             else:
                 order.status_code = response.status_code
                 if 200 <= response.status_code < 300:
-                    order.saga_id = response.json()["saga_id"]
+                    try:
+                        order.saga_id = response.json()["saga_id"]
+                    except (ValueError, KeyError, TypeError):
+                        order.problems[f"http {response.status_code} without a saga_id"] += 1
+                        return order
                     order.accepted_at = time.time()
                     return order
                 order.problems[f"http {response.status_code}"] += 1
@@ -122,9 +126,13 @@ def send_all(client: OrderClient, orders: list[Order], *, duration: float, concu
     started = time.time()
     interval = duration / len(orders) if duration > 0 and orders else 0.0
     with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="shop") as pool:
+        sending = []
         for index, order in enumerate(orders):
             due = started + index * interval
             if interval and due > time.time():
                 time.sleep(due - time.time())
-            pool.submit(client.submit, order)
+            sending.append((order, pool.submit(client.submit, order)))
+    for order, future in sending:
+        if future.exception() is not None:  # a bug of the client: the order shows as not accepted
+            order.problems[f"client error {future.exception()!r}"] += 1
     return started

@@ -8,6 +8,7 @@ faults and poison on a seeded schedule meanwhile, then heal, drain, and check.
 from __future__ import annotations
 
 import logging
+import os
 import random
 import secrets
 import socket
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tools.faults import infra
-from tools.faults.checker import CheckReport, check, read_sagas, unfinished, unsent_outbox
+from tools.faults.checker import EVENTS_QUEUE, CheckReport, check, read_sagas, unfinished, unsent_outbox
 from tools.faults.orders import MIX, Order, OrderClient, make_orders, send_all
 from tools.faults.poison import poison_messages
 from tools.faults.schedule import (
@@ -55,7 +56,7 @@ class ScenarioConfig:
     step_timeout: float = 1.0
     step_max_attempts: int = 3
     compensation_max_attempts: int = 10
-    redis_db: int = 11
+    redis_db: int = int(os.environ.get("FAULTS_REDIS_DB", "11"))  # a Redis db of its own: flushed!
     fault_kinds: tuple[str, ...] = FAULT_KINDS
     mix: dict[str, int] = field(default_factory=lambda: dict(MIX))
     log_dir: Path | None = None
@@ -110,8 +111,10 @@ class ScenarioResult:
         lines += [f"PROBLEM: {detail}" for detail in self.report.details[:60]]
         if len(self.report.details) > 60:
             lines.append(f"... and {len(self.report.details) - 60} more problems")
+        failed = self.report.row("  failed").value
+        reported = f"; {failed} failed sagas reported above (compensation gave up: staff must act)" if failed else ""
         lines.append("RESULT: " + ("all checks passed" if self.ok else
-                                   "FAILED: " + ", ".join(r.name for r in self.report.failures)))
+                                   "FAILED: " + ", ".join(r.name for r in self.report.failures)) + reported)
         return "\n".join(lines)
 
 
@@ -133,8 +136,6 @@ class Scenario:
         self.poison_ids: list[str] = []
         self.happenings: list[Happening] = []
         self.load_started = 0.0
-        self._accepted_ids: list[str] = []
-        self._lock = threading.Lock()
 
     # --- the run ---------------------------------------------------------------------------
 
@@ -201,6 +202,8 @@ class Scenario:
             if time.monotonic() > end:
                 raise RuntimeError("the consumers did not declare the topology within 30s")
             time.sleep(0.2)
+        # listen to saga.events as a related service would: every finished saga must be told
+        infra.declare_queue(self.sandbox.vhost, EVENTS_QUEUE, bind_to=("saga.events", "saga.*"))
 
     def _stop_service(self) -> None:
         # participants first: they flush replies they hold back (sku-slow) to the consumers
@@ -264,10 +267,13 @@ class Scenario:
         if started:
             self.out(f"heal: started {', '.join(started)}")
         died = []
-        for name, service in self.stack.services.items():
+        for name, service in list(self.stack.services.items()):
             if not service.alive():
                 died.append(f"{name} (exit {service.process.returncode}, log {service.log_path})")
-                self.stack.restart(name)
+                if name == "participants":
+                    self.stack.start_participants(reset=False)  # keep the ledger: it is the evidence
+                else:
+                    self.stack.restart(name)
         if died:
             self.out(f"heal: restarted {', '.join(died)}")
         self.stack.wait_web()
@@ -283,11 +289,13 @@ class Scenario:
             try:
                 open_sagas = unfinished(self.sandbox.database_url)
                 unsent = unsent_outbox(self.sandbox.database_url)
-                queued = sum(infra.queue_totals(self.sandbox.vhost).get(q, 0)
-                             for q in ("saga.replies", "stock.commands", "payment.commands", "order.commands"))
+                depths = infra.queue_totals(self.sandbox.vhost)
+                depths = {q: depths.get(q, 0) for q in ("saga.replies", "stock.commands", "payment.commands", "order.commands")}
+                queued = sum(depths.values())
             except Exception as error:  # a service still coming back
                 log.warning("drain: %r", error)
                 open_sagas = unsent = queued = -1
+                depths = {}
             if open_sagas == unsent == queued == 0:
                 quiet_since = quiet_since or time.monotonic()
                 if time.monotonic() - quiet_since >= QUIET_SECONDS:
@@ -296,7 +304,8 @@ class Scenario:
                 quiet_since = None
             if time.monotonic() >= next_note:
                 next_note += 10
-                self.out(f"  draining: {open_sagas} sagas open, {unsent} outbox rows unsent, {queued} messages queued")
+                queues = ", ".join(f"{q} {n}" for q, n in depths.items())
+                self.out(f"  draining: {open_sagas} sagas open, {unsent} outbox rows unsent, queued: {queues}")
             time.sleep(0.5)
         self.out(f"drain timeout after {self.config.drain_timeout:.0f}s")
         return None
