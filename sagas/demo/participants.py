@@ -330,11 +330,19 @@ def _take_payment(db: sqlite3.Connection, command: Command) -> Outcome:
     return _success(payment_id=payment_id)
 
 
-def _refund_payment(db: sqlite3.Connection, saga_id: str) -> None:
-    amount, currency, payment_id = db.execute(
-        "SELECT amount, currency, reference FROM ledger WHERE saga_id = ? AND effect = 'charged'", (saga_id,)
-    ).fetchone()
-    _record(db, saga_id, "payment", "refunded", amount=amount, currency=currency, reference=payment_id)
+def _undo_money_effect(participant: str, effect: str, undo: str):
+    """The compensation of a payment or an order: the same amount and reference, undone."""
+
+    def undo_effect(db: sqlite3.Connection, saga_id: str) -> None:
+        amount, currency, reference = db.execute(
+            "SELECT amount, currency, reference FROM ledger WHERE saga_id = ? AND effect = ?", (saga_id, effect)
+        ).fetchone()
+        _record(db, saga_id, participant, undo, amount=amount, currency=currency, reference=reference)
+
+    return undo_effect
+
+
+_refund_payment = _undo_money_effect("payment", "charged", "refunded")
 
 
 def _create_order(db: sqlite3.Connection, command: Command) -> Outcome:
@@ -344,11 +352,7 @@ def _create_order(db: sqlite3.Connection, command: Command) -> Outcome:
     return _success(order_id=order_id)
 
 
-def _cancel_order(db: sqlite3.Connection, saga_id: str) -> None:
-    amount, currency, order_id = db.execute(
-        "SELECT amount, currency, reference FROM ledger WHERE saga_id = ? AND effect = 'order_created'", (saga_id,)
-    ).fetchone()
-    _record(db, saga_id, "order", "order_cancelled", amount=amount, currency=currency, reference=order_id)
+_cancel_order = _undo_money_effect("order", "order_created", "order_cancelled")
 
 
 @dataclass(frozen=True)
