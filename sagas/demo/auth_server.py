@@ -39,6 +39,9 @@ def verify_token(authorization: str | None) -> tuple[int, dict]:
 
 class _AuthHandler(BaseHTTPRequestHandler):
     verify_path = "/auth/verify"  # set per server by serve_auth
+    # keep-alive: the orchestrator's client reuses its connections, as it would with a real auth service
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body go out as two writes: don't wait for an ACK
 
     def do_GET(self) -> None:
         if urlsplit(self.path).path != self.verify_path:
