@@ -33,10 +33,7 @@ class SagaConsumer:
         self.broker.consume(messaging.REPLIES_QUEUE, self.handle_delivery, prefetch=self.prefetch,
                             should_stop=lambda: self.stopping, tick=self.tick,
                             busy_tick=lambda: self.tick(deadlines=False))
-        try:
-            outbox.flush_sent()
-        except DatabaseError:  # the relay sends those rows again; participants take them as repeats
-            log.warning("could not mark the last published rows sent")
+        outbox.flush_sent()
         self.broker.close()
         log.info("consumer stopped", extra={"dead_lettered": self.dead_lettered})
 
@@ -84,7 +81,6 @@ class SagaConsumer:
         now = time.monotonic()
         try:
             close_old_connections()
-            outbox.flush_sent()
             if deadlines and now >= self._next_deadline_check:
                 self._next_deadline_check = now + self.deadline_check_seconds
                 services.handle_due_timeouts()

@@ -3,9 +3,10 @@ published afterwards with publisher confirms. A row whose publish did not happen
 process killed) is sent by `relay_pending`, which every consumer runs between messages."""
 import logging
 import threading
+import time
 from datetime import timedelta
 
-from django.db import transaction
+from django.db import DatabaseError, connections, transaction
 from django.utils import timezone
 
 from sagas import messaging
@@ -19,12 +20,46 @@ _thread = threading.local()
 
 
 def use_publisher(publisher) -> None:
-    """Publish from this thread through its own broker connection (the consumer's) instead of the
-    pool, and mark rows sent in batches (`flush_sent`) rather than with a commit per message: a row
-    sent but not yet marked when the process dies is sent again by the relay, which participants
-    answer as the same request."""
+    """Publish from this thread through its own broker connection (the consumer's) instead of the pool."""
     _thread.publisher = publisher
-    _thread.unmarked = []
+
+
+class _SentMarker:
+    """Marks published rows sent from a background thread, a batch every 0.1 s, so neither a
+    request nor a reply waits for that commit. A row published but not yet marked when the
+    process dies is sent again by the relay, which participants answer as the same request."""
+
+    def __init__(self):
+        self._ids: list[int] = []
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def add(self, ids: list[int]) -> None:
+        with self._lock:
+            self._ids.extend(ids)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="outbox-sent-marker", daemon=True)
+                self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(0.1)
+            self.flush()
+            connections.close_all()
+
+    def flush(self) -> None:
+        with self._lock:
+            ids, self._ids = self._ids, []
+        try:
+            _mark_sent(ids)
+        except DatabaseError as error:  # marked on a later flush; the relay may send them again meanwhile
+            log.warning("outbox rows not marked sent yet: %r", error, extra={"rows": len(ids)})
+            with self._lock:
+                self._ids[:0] = ids
+
+
+_marker = _SentMarker()
+flush_sent = _marker.flush
 
 
 def _current_publisher():
@@ -39,8 +74,9 @@ def outbox_row(saga_id: str, message: Command | Event) -> OutboxMessage:
     return OutboxMessage(saga_id=saga_id, exchange=messaging.EVENTS_EXCHANGE, routing_key=message.routing_key, body=message.body)
 
 
-def publish(rows: list[OutboxMessage]) -> int:
-    """Publish rows in order and mark them sent; stop at the first failure (the relay retries)."""
+def publish(rows: list[OutboxMessage], *, mark_now: bool = False) -> int:
+    """Publish rows in order and mark them sent (soon, or `mark_now`); stop at the first failure
+    (the relay retries)."""
     publisher, sent = _current_publisher(), []
     try:
         for row in rows:
@@ -59,25 +95,16 @@ def publish(rows: list[OutboxMessage]) -> int:
                                          "attempt": row.body.get("attempt"), "message_id": str(row.message_id)})
     except messaging.BrokerUnavailable as error:
         log.warning("publish deferred to the outbox relay: %s", error, extra={"saga_id": str(rows[len(sent)].saga_id)})
-    unmarked = getattr(_thread, "unmarked", None)
-    if unmarked is None:
+    if mark_now:
         _mark_sent(sent)
-    else:
-        unmarked.extend(sent)
+    elif sent:
+        _marker.add(sent)
     return len(sent)
 
 
 def _mark_sent(ids: list[int]) -> None:
     if ids:
         OutboxMessage.objects.filter(pk__in=ids).update(sent_at=timezone.now())
-
-
-def flush_sent() -> None:
-    """Mark the rows this thread published since the last flush."""
-    unmarked = getattr(_thread, "unmarked", None)
-    if unmarked:
-        _mark_sent(unmarked)
-        unmarked.clear()
 
 
 def relay_pending(*, older_than: float = 2.0, limit: int = 200) -> int:
@@ -91,7 +118,6 @@ def relay_pending(*, older_than: float = 2.0, limit: int = 200) -> int:
         )
         if not rows:
             return 0
-        sent = publish(rows)
-        flush_sent()  # while the rows are still locked, so no other relay sends them again
+        sent = publish(rows, mark_now=True)  # while they are locked, so no other relay sends them again
     log.info("outbox relay", extra={"pending": len(rows), "sent": sent})
     return sent

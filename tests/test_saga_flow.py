@@ -46,7 +46,7 @@ def test_a_saga_completes_and_tells_related_services(saga_stack, participants):
                                       "currency": "EUR", "failure_reason": None}
     events.close()
     assert ledger_summary(participants)[saga_id] == {"stock_net": 2, "paid_net": Decimal("19.98"), "orders_open": 1}
-    assert not OutboxMessage.objects.filter(sent_at__isnull=True).exists()
+    wait_for(lambda: not OutboxMessage.objects.filter(sent_at__isnull=True).exists(), what="every outbox row marked sent")
 
 
 def test_out_of_stock_fails_at_the_first_step_with_nothing_to_undo(saga_stack):
