@@ -190,7 +190,12 @@ def _transition(saga_id: str, decide: Callable[[SagaState, float], Decision], ca
     for _ in range(8):
         before = load_saga_state(saga_id, from_database=from_database)
         now = time.time()
-        decision = engine.ignored(before, "duplicate reply: already applied") if _in_inbox(saga_id, cause) else decide(before, now)
+        # A current state already tells a reply applied before (it is no longer awaited); the inbox
+        # is asked when the state came from the database or the broker says it delivered this before.
+        if (from_database or cause.redelivered) and _in_inbox(saga_id, cause):
+            decision = engine.ignored(before, "duplicate reply: already applied")
+        else:
+            decision = decide(before, now)
         if not decision.changed:
             if not from_database and not Saga.objects.filter(pk=saga_id, version=before.version).exists():
                 from_database = True  # Redis was behind: judge the event against the record of truth

@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -41,6 +42,7 @@ RSS_MILESTONES = (1_000, 20_000)
 TARGET_THROUGHPUT_RATIO = 0.5
 TARGET_LATENCY_RATIO = 3.0
 TARGET_RSS_GROWTH = 10.0  # percent
+RAW_WARMUP = 50  # raw_chain.py's default warm-up chains
 
 
 # --- backends: our own database, Redis db and vhost ---------------------------------------------------
@@ -97,6 +99,74 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def machine_cpu() -> tuple[int, int]:
+    """(busy, total) jiffies of the whole machine so far, from /proc/stat."""
+    with open("/proc/stat") as stat:
+        values = [int(v) for v in stat.readline().split()[1:]]
+    idle = values[3] + values[4]  # idle + iowait
+    return sum(values) - idle, sum(values)
+
+
+OTHER_LOAD_MARKERS = ("run_saga_consumer", "run_demo_participants", "orchestration_site.asgi", "pytest",
+                      "fault_run", "benchmark.py", "raw_chain.py")
+
+
+def other_stack_processes(own: set[int]) -> list[str]:
+    """Other people's orchestrator stacks and test runs on this (shared, 2-core) machine."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) in own:
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:
+            continue
+        if any(marker in argv for marker in OTHER_LOAD_MARKERS) and not argv.startswith("timeout "):
+            found.append(f"{entry.name}: {argv[:120]}")
+    return found
+
+
+class LoadWatch:
+    """Machine CPU use and other people's stacks during a pass, to judge how noisy it was."""
+
+    def __init__(self, own: set[int]):
+        self.own = own
+        self.cpu_start = machine_cpu()
+        self.others = set(other_stack_processes(own))
+
+    def finish(self) -> dict:
+        busy0, total0 = self.cpu_start
+        busy1, total1 = machine_cpu()
+        self.others |= set(other_stack_processes(self.own))
+        return {"machine_cpu_busy_pct": round(100 * (busy1 - busy0) / max(1, total1 - total0), 1),
+                "loadavg": open("/proc/loadavg").read().split()[:3], "other_processes": sorted(self.others)}
+
+
+def wait_for_quiet(max_seconds: float) -> bool:
+    """Wait (up to max_seconds) until no other stack or test run is on the machine and the 1-minute
+    load is below 1.5: on a shared 2-core machine, others' runs change the numbers a lot."""
+    end = time.monotonic() + max_seconds
+    while True:
+        others = other_stack_processes({os.getpid()})
+        load = float(open("/proc/loadavg").read().split()[0])
+        if not others and load < 1.5:
+            return True
+        if time.monotonic() >= end:
+            print(f"note: machine still busy after {max_seconds:.0f}s (loadavg {load}, {len(others)} other stack/test "
+                  "processes); measuring anyway", flush=True)
+            return False
+        time.sleep(5)
+
+
+def service_log_troubles(log_dir: Path) -> dict[str, int]:
+    """Warning and error lines per service log: a clean run has none."""
+    counts = {}
+    for log in sorted(log_dir.glob("*.log")):
+        with open(log, errors="replace") as lines:
+            counts[log.stem] = sum(1 for line in lines if "level=warning" in line or "level=error" in line)
+    return counts
+
+
 # --- terminal events -----------------------------------------------------------------------------------
 
 
@@ -111,6 +181,7 @@ class EventListener:
         self._stopping = False
         self._ready = threading.Event()
         self._error: BaseException | None = None
+        self.reconnects = 0
         self._thread = threading.Thread(target=self._run, name="saga-events", daemon=True)
 
     def start(self) -> None:
@@ -123,14 +194,27 @@ class EventListener:
         self._thread.join(5)
 
     def _run(self) -> None:
-        from sagas.messaging import EVENTS_EXCHANGE, Broker
+        from sagas.messaging import EVENTS_EXCHANGE, Broker, BrokerUnavailable
 
         broker = Broker()
+        # The private queue goes with the connection: when the broker connection is lost (the
+        # machine's RabbitMQ is shared and may be restarted by others' fault runs), Broker.consume
+        # would retry the vanished queue forever, so stop it (it closes the broker, which clears
+        # its connection) and bind a new queue. Events published in the gap are lost; their sagas
+        # show up as "no terminal event" and the table warns.
+        lost = lambda: broker._connection is None  # noqa: E731
         try:
-            queue_name = broker.bind_temporary_queue(EVENTS_EXCHANGE, "saga.#")
-            self._ready.set()
-            broker.consume(queue_name, self._on_event, prefetch=500, should_stop=lambda: self._stopping,
-                           tick_seconds=0.1)
+            while not self._stopping:
+                try:
+                    queue_name = broker.bind_temporary_queue(EVENTS_EXCHANGE, "saga.#")
+                except BrokerUnavailable:
+                    time.sleep(0.5)
+                    continue
+                self._ready.set()
+                broker.consume(queue_name, self._on_event, prefetch=500,
+                               should_stop=lambda: self._stopping or lost(), tick_seconds=0.1)
+                if not self._stopping:
+                    self.reconnects += 1
         except BaseException as error:  # reported by start() or in the results
             self._error = error
             raise
@@ -171,6 +255,8 @@ class PassResult:
     sagas: int
     concurrency: int
     latencies: list[float] = field(default_factory=list)  # seconds, completed sagas only
+    post_latencies: list[float] = field(default_factory=list)  # seconds from sending the POST to its 202
+    saga_ids: list[str] = field(default_factory=list)
     statuses: dict[str, int] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
     seconds: float = 0.0
@@ -187,7 +273,8 @@ class PassResult:
         return {"sagas": self.sagas, "concurrency": self.concurrency, "seconds": round(self.seconds, 3),
                 "statuses": self.statuses, "completed_per_s": round(self.rate, 2),
                 "p50_ms": ms(percentile(self.latencies, 50)), "p99_ms": ms(percentile(self.latencies, 99)),
-                "errors": len(self.errors), "first_errors": self.errors[:5]}
+                "post_p50_ms": ms(percentile(self.post_latencies, 50)), "errors": len(self.errors),
+                "first_errors": self.errors[:5]}
 
 
 def drive_sagas(name: str, base_url: str, listener: EventListener, *, count: int, concurrency: int,
@@ -219,7 +306,11 @@ def drive_sagas(name: str, base_url: str, listener: EventListener, *, count: int
                 with lock:
                     result.errors.append(f"POST answered {response.status_code}: {response.text[:200]}")
                 continue
+            accepted = time.perf_counter()
             saga_id = response.json()["saga_id"]
+            with lock:
+                result.post_latencies.append(accepted - sent)
+                result.saga_ids.append(saga_id)
             outcome = listener.wait(saga_id, saga_timeout)
             with lock:
                 if outcome is None:
@@ -232,7 +323,7 @@ def drive_sagas(name: str, base_url: str, listener: EventListener, *, count: int
                 if status == "completed":
                     result.latencies.append(done - sent)
 
-    threads = [threading.Thread(target=client, name=f"client-{n}") for n in range(concurrency)]
+    threads = [threading.Thread(target=client, name=f"client-{n}", daemon=True) for n in range(concurrency)]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -254,12 +345,24 @@ def ms(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds * 1000, 2)
 
 
+def step_times(saga_ids: list[str]) -> dict[str, float | None]:
+    """Median ms from sending each forward command to applying its reply (the timeline's duration_ms)."""
+    from sagas.models import TimelineEntry
+
+    durations: dict[str, list[float]] = {}
+    rows = TimelineEntry.objects.filter(saga_id__in=saga_ids, kind=TimelineEntry.Kind.REPLY, applied=True)
+    for command, duration in rows.values_list("command", "duration_ms"):
+        if duration is not None:
+            durations.setdefault(command, []).append(duration / 1000)
+    return {command: ms(percentile(values, 50)) for command, values in sorted(durations.items())}
+
+
 # --- the raw broker baseline ---------------------------------------------------------------------------
 
 
 def run_raw_chains(stack: Stack, *, chains: int, concurrency: int, single: int, timeout: float) -> dict:
     argv = [PYTHON, str(ROOT / "tools" / "raw_chain.py"), "--chains", str(chains), "--concurrency", str(concurrency),
-            "--single", str(single), "--timeout", str(timeout)]
+            "--single", str(single), "--warmup", str(RAW_WARMUP), "--timeout", str(timeout)]
     done = subprocess.run(argv, cwd=ROOT, env=stack.env, capture_output=True, text=True)
     (stack.log_dir / "raw_chain.log").write_text(done.stderr)
     if done.returncode:
@@ -296,6 +399,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--redis-db", type=int, default=6, help="Redis db (flushed)")
     parser.add_argument("--vhost", default="bench", help="RabbitMQ vhost (deleted and made again)")
     parser.add_argument("--log-level", default="INFO", help="LOG_LEVEL of the service processes (production: INFO)")
+    parser.add_argument("--wait-quiet", type=float, default=0, metavar="SECONDS",
+                        help="first wait up to this long for other stacks/test runs to finish and the load to drop")
     parser.add_argument("--out", type=Path, default=ROOT / "var" / "bench", help="logs, ledger and result.json")
     args = parser.parse_args()
     if args.rss_growth:
@@ -307,6 +412,8 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> int:
     args = parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the stack is stopped on the way out
+    quiet = wait_for_quiet(args.wait_quiet) if args.wait_quiet else None
     redis_host, redis_port = os.environ.get("REDIS_HOST", "127.0.0.1"), int(os.environ.get("REDIS_PORT", 6379))
     vhost = prepare_vhost(args.vhost)
     database_url = prepare_database(args.database, args.pg_host, args.pg_port, args.pg_user)
@@ -340,7 +447,7 @@ def main() -> int:
 
     listener = EventListener(on_count=sample_at)
     base_url = f"http://127.0.0.1:{args.web_port}"
-    results: dict = {"args": {k: str(v) for k, v in vars(args).items()}, "vhost": vhost}
+    results: dict = {"args": {k: str(v) for k, v in vars(args).items()}, "vhost": vhost, "quiet_at_start": quiet}
     try:
         stack.start_participants()
         for number in range(1, args.consumers + 1):
@@ -354,7 +461,9 @@ def main() -> int:
         if args.warmup:
             drive_sagas("warmup", base_url, listener, count=args.warmup, concurrency=args.concurrency,
                         saga_timeout=args.saga_timeout)
+        own = {os.getpid(), *(service.pid for service in stack.services.values())}
         cpu_before = {name: cpu_seconds(service.pid) for name, service in stack.services.items()}
+        watch = LoadWatch(own)
         started = time.monotonic()
         print(f"saga throughput pass: {args.sagas} sagas, {args.concurrency} in flight ...", flush=True)
         throughput = drive_sagas("throughput", base_url, listener, count=args.sagas, concurrency=args.concurrency,
@@ -363,93 +472,141 @@ def main() -> int:
         results["cpu_seconds_in_throughput_pass"] = {
             name: round(cpu_seconds(service.pid) - cpu_before[name], 2) for name, service in stack.services.items()}
         results["cpu_seconds_in_throughput_pass"]["wall"] = round(wall, 2)
+        results["load"] = {"throughput": watch.finish()}
         print(f"single pass: {args.single} sagas, 1 in flight ...", flush=True)
+        watch = LoadWatch(own)
         single = drive_sagas("single", base_url, listener, count=args.single, concurrency=1,
                              saga_timeout=args.saga_timeout)
+        results["load"]["single"] = watch.finish()
+        results["single_step_ms"] = step_times(single.saga_ids)
         memory = {name: memory_kib(stack.services[name].pid) for name in ["web", *consumers]}
 
-        print(f"raw broker baseline: {args.raw_chains} chains at {args.concurrency}, {args.single} at 1 ...", flush=True)
+        print(f"raw broker baseline: {args.raw_chains} chains at {args.concurrency}, {args.single} at 1 ...",
+              flush=True)
+        watch = LoadWatch(own)
+        participants_cpu = cpu_seconds(stack.services["participants"].pid)
         raw = run_raw_chains(stack, chains=args.raw_chains, concurrency=args.concurrency, single=args.single,
-                             timeout=max(600.0, args.saga_timeout))
+                             timeout=max(1200.0, args.saga_timeout))
+        results["load"]["raw"] = watch.finish()
+        raw_chains_run = RAW_WARMUP + args.raw_chains + args.single
+        raw["participants_cpu_ms_per_chain"] = round(
+            (cpu_seconds(stack.services["participants"].pid) - participants_cpu) * 1000 / raw_chains_run, 2)
         dead = [name for name, service in stack.services.items() if not service.alive()]
     finally:
         listener.stop()
         stack.stop_all()
 
-    results.update({"throughput": throughput.summary(), "single": single.summary(), "raw": raw, "memory_kib": memory,
-                    "consumer_rss_kib_at": samples, "stopped_early": dead})
-    verdicts = print_table(args, throughput, single, raw, memory, samples, consumers)
+    results.update({"listener_reconnects": listener.reconnects, "throughput": throughput.summary(),
+                    "single": single.summary(), "raw": raw, "memory_kib": memory, "consumer_rss_kib_at": samples,
+                    "stopped_early": dead})
+    verdicts = print_table(args, throughput, single, raw, memory, samples, consumers,
+                           results["cpu_seconds_in_throughput_pass"], results["single_step_ms"])
     results["verdicts"] = verdicts
     if dead:
         print(f"WARNING: these processes died during the run: {dead}; see {log_dir}")
+    if listener.reconnects or any(raw.get(key, {}).get("broker_lost") for key in ("throughput", "single")):
+        print("WARNING: the benchmark's RabbitMQ connection was lost during the run (a broker restart by another run?);"
+              " the numbers include that outage")
+    troubles = service_log_troubles(log_dir)
+    results["service_log_warnings"] = troubles
+    if any(troubles.values()):
+        print(f"WARNING: warnings/errors in the service logs (outages of PostgreSQL/RabbitMQ/Redis?): {troubles}; "
+              f"the numbers include them, see {log_dir}")
+    for name, load in results["load"].items():
+        print(f"load during {name} pass: machine CPU {load['machine_cpu_busy_pct']}% busy, "
+              f"loadavg {' '.join(load['loadavg'])}")
+        if load["other_processes"]:
+            print(f"WARNING: {len(load['other_processes'])} other stack/test processes shared the machine during the "
+                  f"{name} pass, e.g. {load['other_processes'][:3]}; numbers are pessimistic")
     if throughput.errors or single.errors:
         print(f"WARNING: {len(throughput.errors) + len(single.errors)} saga errors, e.g. "
               f"{(throughput.errors + single.errors)[:3]}")
     out = args.out / "result.json"
     out.write_text(json.dumps(results, indent=2, default=str))
     print(f"raw numbers: {out}")
-    return 0 if all(v != "MISS" for v in verdicts.values()) and not dead else 1
+    valid = not dead and not listener.reconnects and not throughput.errors and raw["throughput"]["completed"]
+    return 0 if valid and all(v != "MISS" for v in verdicts.values()) else 1
+
+
+def _fmt(value: float | None, unit: str = "", digits: int = 1) -> str:
+    return "n/a" if value is None else f"{value:,.{digits}f}{unit}"
+
+
+def _mib(kib: int) -> str:
+    return f"{kib / 1024:,.1f} MiB"
+
+
+def _verdict(value: float | None, ok) -> str:
+    return "n/a" if value is None else ("PASS" if ok(value) else "MISS")
 
 
 def print_table(args, throughput: PassResult, single: PassResult, raw: dict, memory: dict, samples: dict,
-                consumers: list[str]) -> dict[str, str]:
-    raw_rate = raw["throughput"]["chains_per_s"]
-    raw_single_p50 = raw["single"]["p50_ms"]
-    saga_single_p50 = ms(percentile(single.latencies, 50))
-    throughput_ratio = throughput.rate / raw_rate if raw_rate else None
-    latency_ratio = saga_single_p50 / raw_single_p50 if saga_single_p50 and raw_single_p50 else None
+                consumers: list[str], cpu_in_pass: dict[str, float], step_ms: dict) -> dict[str, str]:
+    raw.setdefault("single", {"p50_ms": None, "p99_ms": None, "completed": 0})
+    raw_c, raw_1 = raw["throughput"], raw["single"]
+    saga_p50, saga_p99 = ms(percentile(throughput.latencies, 50)), ms(percentile(throughput.latencies, 99))
+    single_p50, single_p99 = ms(percentile(single.latencies, 50)), ms(percentile(single.latencies, 99))
+    throughput_ratio = throughput.rate / raw_c["chains_per_s"] if raw_c["chains_per_s"] else None
+    latency_ratio = single_p50 / raw_1["p50_ms"] if single_p50 and raw_1["p50_ms"] else None
+    first, last = RSS_MILESTONES[0], RSS_MILESTONES[-1]
     growth = None
-    if all(m in samples for m in RSS_MILESTONES):
-        growth = max((samples[RSS_MILESTONES[-1]][c] - samples[RSS_MILESTONES[0]][c]) * 100 / samples[RSS_MILESTONES[0]][c]
-                     for c in consumers)
-
-    def verdict(value, ok) -> str:
-        return "n/a" if value is None else ("PASS" if ok(value) else "MISS")
-
+    if first in samples and last in samples:
+        growth = max((samples[last][c] - samples[first][c]) * 100 / samples[first][c] for c in consumers)
     verdicts = {
-        "throughput ratio": verdict(throughput_ratio, lambda r: r >= TARGET_THROUGHPUT_RATIO),
-        "latency ratio": verdict(latency_ratio, lambda r: r <= TARGET_LATENCY_RATIO),
-        "rss growth": verdict(growth, lambda g: g < TARGET_RSS_GROWTH),
+        "throughput ratio": _verdict(throughput_ratio, lambda r: r >= TARGET_THROUGHPUT_RATIO),
+        "latency ratio": _verdict(latency_ratio, lambda r: r <= TARGET_LATENCY_RATIO),
+        "rss growth": _verdict(growth, lambda g: g < TARGET_RSS_GROWTH),
     }
-    fmt = lambda v, unit="", digits=1: "n/a" if v is None else f"{v:,.{digits}f}{unit}"  # noqa: E731
-    mib = lambda kib: f"{kib / 1024:,.1f} MiB"  # noqa: E731
-    consumer_peak = max(memory[c]["VmHWM"] for c in consumers)
-    at_1k = samples.get(RSS_MILESTONES[0])
-    at_20k = samples.get(RSS_MILESTONES[-1])
+
+    per_saga = {name: seconds * 1000 / max(1, throughput.sagas) for name, seconds in cpu_in_pass.items()
+                if name != "wall"}
+    consumers_cpu = sum(value for name, value in per_saga.items() if name.startswith("consumer"))
+    driver_cpu = raw_c["cpu_seconds"] * 1000 / max(1, raw_c["completed"])
+    raw_participants_cpu = raw["participants_cpu_ms_per_chain"]
+    at_first, at_last = samples.get(first), samples.get(last)
+    plural = "s (max)" if len(consumers) > 1 else ""
     rows = [
-        ("saga throughput", f"{fmt(throughput.rate, ' sagas/s')} ({throughput.completed}/{throughput.sagas} completed, "
-                            f"C={throughput.concurrency}, K={args.consumers})", "", ""),
-        ("raw chain rate", f"{fmt(raw_rate, ' chains/s')} ({raw['throughput']['completed']}/{raw['throughput']['chains']}"
-                           f", C={args.concurrency})", "", ""),
-        ("throughput ratio saga/raw", fmt(throughput_ratio, "", 2), f">= {TARGET_THROUGHPUT_RATIO}",
+        ("saga throughput", f"{_fmt(throughput.rate, ' sagas/s')} ({throughput.completed}/{throughput.sagas} "
+                            f"completed, C={throughput.concurrency}, K={args.consumers})", "", ""),
+        ("raw chain rate", f"{_fmt(raw_c['chains_per_s'], ' chains/s')} ({raw_c['completed']}/{raw_c['chains']}, "
+                           f"C={args.concurrency})", "", ""),
+        ("throughput ratio saga/raw", _fmt(throughput_ratio, "", 2), f">= {TARGET_THROUGHPUT_RATIO}",
          verdicts["throughput ratio"]),
-        ("saga latency p50 / p99", f"{fmt(ms(percentile(throughput.latencies, 50)), ' ms')} / "
-                                   f"{fmt(ms(percentile(throughput.latencies, 99)), ' ms')} (C={throughput.concurrency})",
+        ("saga latency p50 / p99", f"{_fmt(saga_p50, ' ms')} / {_fmt(saga_p99, ' ms')} (C={throughput.concurrency})",
          "", ""),
-        ("raw chain latency p50 / p99", f"{fmt(raw['throughput']['p50_ms'], ' ms')} / "
-                                        f"{fmt(raw['throughput']['p99_ms'], ' ms')} (C={args.concurrency})", "", ""),
-        ("saga p50, 1 in flight", f"{fmt(saga_single_p50, ' ms')} (p99 {fmt(ms(percentile(single.latencies, 99)), ' ms')}"
-                                  f", n={single.completed})", "", ""),
-        ("raw chain p50, 1 in flight", f"{fmt(raw_single_p50, ' ms')} (p99 {fmt(raw['single']['p99_ms'], ' ms')}, "
-                                       f"n={raw['single']['completed']})", "", ""),
-        ("latency ratio saga/raw (1 in flight)", fmt(latency_ratio, "", 2), f"<= {TARGET_LATENCY_RATIO}",
+        ("raw chain latency p50 / p99", f"{_fmt(raw_c['p50_ms'], ' ms')} / {_fmt(raw_c['p99_ms'], ' ms')} "
+                                        f"(C={args.concurrency})", "", ""),
+        ("saga p50, 1 in flight", f"{_fmt(single_p50, ' ms')} (p99 {_fmt(single_p99, ' ms')}, n={single.completed})",
+         "", ""),
+        ("  of which POST -> 202 (p50)", _fmt(ms(percentile(single.post_latencies, 50)), " ms"), "", ""),
+        ("  command sent -> reply applied (p50)", ", ".join(f"{k} {v:.1f} ms" for k, v in step_ms.items()), "", ""),
+        ("raw chain p50, 1 in flight", f"{_fmt(raw_1['p50_ms'], ' ms')} (p99 {_fmt(raw_1['p99_ms'], ' ms')}, "
+                                       f"n={raw_1['completed']})", "", ""),
+        ("latency ratio saga/raw (1 in flight)", _fmt(latency_ratio, "", 2), f"<= {TARGET_LATENCY_RATIO}",
          verdicts["latency ratio"]),
-        ("peak RSS web", mib(memory["web"]["VmHWM"]), "", ""),
-        ("peak RSS consumer" + ("s (max)" if len(consumers) > 1 else ""), mib(consumer_peak), "", ""),
-        ("consumer RSS after 1,000 sagas", mib(max(at_1k.values())) if at_1k else "n/a (fewer sagas)", "", ""),
-        ("consumer RSS after 20,000 sagas", mib(max(at_20k.values())) if at_20k else "n/a (no --rss-growth)", "", ""),
-        ("consumer RSS growth 1k -> 20k", fmt(growth, " %", 2), f"< {TARGET_RSS_GROWTH:g} %", verdicts["rss growth"]),
+        ("CPU per saga (C pass)", f"{sum(per_saga.values()):.1f} ms = web {per_saga['web']:.1f} + consumers "
+                                  f"{consumers_cpu:.1f} + participants {per_saga['participants']:.1f} "
+                                  "(+ PG/Redis/RabbitMQ)", "", ""),
+        ("CPU per raw chain (C pass)", f"{driver_cpu + raw_participants_cpu:.1f} ms = driver {driver_cpu:.1f} + "
+                                       f"participants {raw_participants_cpu:.1f} (+ RabbitMQ)", "", ""),
+        ("peak RSS web", _mib(memory["web"]["VmHWM"]), "", ""),
+        (f"peak RSS consumer{plural}", _mib(max(memory[c]["VmHWM"] for c in consumers)), "", ""),
+        (f"consumer{plural} RSS after {first:,} sagas", _mib(max(at_first.values())) if at_first else
+         "n/a (fewer sagas)", "", ""),
+        (f"consumer{plural} RSS after {last:,} sagas", _mib(max(at_last.values())) if at_last else
+         "n/a (no --rss-growth)", "", ""),
+        (f"consumer RSS growth {first // 1000}k -> {last // 1000}k", _fmt(growth, " %", 2),
+         f"< {TARGET_RSS_GROWTH:g} %", verdicts["rss growth"]),
     ]
-    widths = [max(len(row[i]) for row in rows + [("metric", "value", "target", "")]) for i in range(4)]
-    line = "+".join("-" * (w + 2) for w in widths)
+    header = ("metric", "value", "target", "verdict")
+    widths = [max(len(row[i]) for row in [*rows, header]) for i in range(4)]
     print()
-    print(" | ".join(h.ljust(w) for h, w in zip(("metric", "value", "target", "verdict"), widths)))
-    print(line)
+    print(" | ".join(cell.ljust(width) for cell, width in zip(header, widths)).rstrip())
+    print("-+-".join("-" * width for width in widths))
     for row in rows:
-        print(" | ".join(cell.ljust(w) for cell, w in zip(row, widths)))
+        print(" | ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
     print()
     return verdicts
-
 
 if __name__ == "__main__":
     sys.exit(main())
