@@ -83,7 +83,6 @@ elif DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
     # ASGI runs each request in a thread of its own: pool connections instead of keeping one per thread.
     DATABASES["default"]["CONN_MAX_AGE"] = 0
     DATABASES["default"]["OPTIONS"] = {"pool": {"min_size": 1, "max_size": 16, "timeout": 5}}
-DATABASES["default"].setdefault("TEST", {})
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 REDIS_HOST = env_str("REDIS_HOST", default="localhost")

@@ -69,11 +69,6 @@ class CreateOrderSerializer(ClosedSerializer):
                                       error_messages={"invalid": "Three upper-case letters, e.g. EUR."})
     payment_method = StrictString(max_length=128, required=False, allow_null=True, default=None, trim_whitespace=False)
 
-    def validate_currency(self, value):
-        if not isinstance(self.initial_data.get("currency", "EUR"), str):
-            raise serializers.ValidationError("Three upper-case letters, e.g. EUR.")
-        return value
-
     def validate_items(self, items):
         seen = [item["product_id"] for item in items]
         if len(seen) != len(set(seen)):
