@@ -91,7 +91,7 @@ def publish(rows: list[OutboxMessage], *, mark_now: bool = False) -> int:
                 mandatory=is_command,
             )
             sent.append(row.pk)
-            log.info("published", extra={"saga_id": str(row.saga_id), "routing_key": row.routing_key,
+            log.debug("published", extra={"saga_id": str(row.saga_id), "routing_key": row.routing_key,
                                          "attempt": row.body.get("attempt"), "message_id": str(row.message_id)})
     except messaging.BrokerUnavailable as error:
         log.warning("publish deferred to the outbox relay: %s", error, extra={"saga_id": str(rows[len(sent)].saga_id)})
