@@ -63,6 +63,15 @@ def test_declined_payment_restores_the_stock(saga_stack, participants):
     assert ledger_summary(participants)[saga_id]["stock_net"] == 0
 
 
+def test_a_rejected_order_refunds_the_payment_then_restores_the_stock(saga_stack, participants):
+    saga_id = start(saga_stack, order_of("sku-unorderable"))
+    saga = finished(saga_id)
+    assert (saga.status, saga.failure_reason) == ("compensated", "order_rejected")
+    assert commands_sent(saga) == [("stock.reduce", 1), ("payment.take", 1), ("order.create", 1),
+                                   ("payment.refund", 1), ("stock.restore", 1)]
+    assert ledger_summary(participants)[saga_id] == {"stock_net": 0, "paid_net": Decimal("0"), "orders_open": 0}
+
+
 def test_a_silent_participant_gets_the_command_again(saga_stack):
     saga = finished(start(saga_stack, order_of("sku-silent-once")))
     assert saga.status == "completed"

@@ -25,7 +25,8 @@ TRY_IT = """
     curl -si -X POST http://localhost:{port}/orders/create_order -H 'Authorization: Bearer demo-alice' \\
          -H 'Content-Type: application/json' -d '{{"items": [{{"product_id": "sku-2", "quantity": 1}}], "payment_method": "pm-declined"}}'
   Then follow it:  curl -s http://localhost:{port}/sagas/<saga_id> -H 'Authorization: Bearer demo-alice'
-  Demo tokens: demo-alice, demo-bob, demo-staff (staff). Products: sku-1, sku-2, sku-3, sku-sold-out.
+  Demo tokens: demo-alice, demo-bob, demo-staff (staff). Products: sku-1, sku-2, sku-3, sku-sold-out (no stock),
+  sku-unorderable (the Order service refuses it), sku-slow; payment method pm-declined is always declined.
 
   Ctrl-C stops everything.
 """

@@ -8,6 +8,8 @@ Products (price, starting stock):
 Any other product id makes stock.reduce fail with "unknown_product".
 
 Payment method "pm-declined" is always declined ("payment_declined"); any other is charged.
+An order listing "sku-unorderable" (in stock, payable) is refused by the Order service
+("order_rejected"), so the saga fails at its last step.
 
 Tokens for `Authorization: Bearer <token>`:
     demo-alice -> alice, demo-bob -> bob, demo-staff -> staff (is_staff)
@@ -44,6 +46,7 @@ SLOW_REPLY_SECONDS = 1.5
 SILENT_ONCE_PRODUCT = "sku-silent-once"
 DUPLICATE_REPLY_PRODUCT = "sku-dup"
 SOLD_OUT_PRODUCT = "sku-sold-out"
+UNORDERABLE_PRODUCT = "sku-unorderable"
 
 PRODUCTS: dict[str, Product] = {
     "sku-1": Product(Decimal("9.99"), PLENTY),
@@ -53,6 +56,7 @@ PRODUCTS: dict[str, Product] = {
     SLOW_PRODUCT: Product(Decimal("1.00"), PLENTY),
     SILENT_ONCE_PRODUCT: Product(Decimal("2.00"), PLENTY),
     DUPLICATE_REPLY_PRODUCT: Product(Decimal("3.00"), PLENTY),
+    UNORDERABLE_PRODUCT: Product(Decimal("4.00"), PLENTY),
 }
 
 DECLINED_PAYMENT_METHOD = "pm-declined"

@@ -43,6 +43,7 @@ from sagas.demo.catalogue import (
     SILENT_ONCE_PRODUCT,
     SLOW_PRODUCT,
     SLOW_REPLY_SECONDS,
+    UNORDERABLE_PRODUCT,
     Product,
 )
 from sagas.messaging import (
@@ -347,6 +348,8 @@ _refund_payment = _undo_money_effect("payment", "charged", "refunded")
 
 def _create_order(db: sqlite3.Connection, command: Command) -> Outcome:
     amount, currency = _money(command.payload)
+    if UNORDERABLE_PRODUCT in _product_ids(command.payload):
+        return _failure("order_rejected")
     order_id = f"o-{uuid.uuid4().hex[:12]}"
     _record(db, command.saga_id, "order", "order_created", amount=amount, currency=currency, reference=order_id)
     return _success(order_id=order_id)
