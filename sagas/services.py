@@ -108,6 +108,12 @@ def _timeline(saga_id: str, cause: Cause, decision: Decision, before: SagaState 
     return entries
 
 
+def _append_history(saga_id: str, cause: Cause, decision: Decision, before: SagaState | None, now: float) -> list:
+    """The timeline entries and the outbox rows of one transition, inside its transaction."""
+    TimelineEntry.objects.bulk_create(_timeline(saga_id, cause, decision, before, now))
+    return outbox.OutboxMessage.objects.bulk_create(outbox.outbox_row(saga_id, m) for m in decision.messages)
+
+
 def _after_commit(state: SagaState, rows: list) -> None:
     store.write_state(state)
     if rows:
@@ -141,7 +147,6 @@ def start_order_saga(
     state = replace(decision.state, version=1)
     decision = replace(decision, state=state, note="order accepted")
     cause = Cause(kind=TimelineEntry.Kind.STARTED, actor=user_id, body={"items": items, "currency": currency})
-    rows = [outbox.outbox_row(saga_id, message) for message in decision.messages]
     try:
         with transaction.atomic():
             saga = Saga.objects.create(
@@ -152,8 +157,7 @@ def start_order_saga(
                 SagaStep(saga=saga, position=i, name=step.name, status=step.status, attempts=step.attempts)
                 for i, step in enumerate(state.steps)
             )
-            TimelineEntry.objects.bulk_create(_timeline(saga_id, cause, decision, None, now))
-            rows = outbox.OutboxMessage.objects.bulk_create(rows)
+            rows = _append_history(saga_id, cause, decision, None, now)
     except IntegrityError:
         existing = idempotency_key and _replayed(user_id, idempotency_key, fingerprint)
         if existing:
@@ -206,7 +210,6 @@ def _transition(saga_id: str, decide: Callable[[SagaState, float], Decision], ca
             return decision
         state = replace(decision.state, version=before.version + 1)
         decision = replace(decision, state=state)
-        rows = [outbox.outbox_row(saga_id, message) for message in decision.messages]
         try:
             with transaction.atomic():
                 if Saga.objects.filter(pk=saga_id, version=before.version).update(**_row_fields(state)) != 1:
@@ -215,8 +218,7 @@ def _transition(saga_id: str, decide: Callable[[SagaState, float], Decision], ca
                     if old != new:
                         SagaStep.objects.filter(saga_id=saga_id, name=new.name).update(
                             status=new.status, attempts=new.attempts, compensation_attempts=new.compensation_attempts)
-                TimelineEntry.objects.bulk_create(_timeline(saga_id, cause, decision, before, now))
-                rows = outbox.OutboxMessage.objects.bulk_create(rows)
+                rows = _append_history(saga_id, cause, decision, before, now)
         except (_Lost, IntegrityError):
             from_database = True  # someone else moved the saga, or Redis was behind: decide again
             continue

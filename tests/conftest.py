@@ -71,7 +71,7 @@ def fast_deadlines(settings):
     settings.SAGA_COMPENSATION_MAX_ATTEMPTS = 4
 
 
-def _in_thread(target, name):
+def in_thread(target, name):
     def run():
         from django.db import connections
 
@@ -99,7 +99,7 @@ def participants(tmp_path, fresh_queues):
 @pytest.fixture
 def consumer(fast_deadlines, fresh_redis, fresh_queues):
     saga_consumer = SagaConsumer(messaging.Broker(), deadline_check_seconds=0.1)
-    thread = _in_thread(saga_consumer.run, "saga-consumer")
+    thread = in_thread(saga_consumer.run, "saga-consumer")
     yield saga_consumer
     saga_consumer.stop()
     thread.join(timeout=10)

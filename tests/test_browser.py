@@ -4,7 +4,6 @@ websockets on the test database, the consumer and the participants of the saga_s
 Screenshots of the pages land in screenshots/ (git-ignored) for a person to look at.
 """
 import json
-import socket
 import urllib.request
 from pathlib import Path
 
@@ -14,7 +13,7 @@ from django.db import connection
 from playwright.sync_api import expect, sync_playwright
 
 from tests.conftest import CUSTOMER_TOKEN, wait_for
-from tools.stack import ROOT, Stack
+from tools.stack import ROOT, Stack, free_port
 
 pytestmark = [pytest.mark.browser, pytest.mark.integration]
 
@@ -24,12 +23,6 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
 SCREENSHOTS = ROOT / "screenshots"
 PASSWORD = "correct horse battery"
 LIVE_WAIT_MS = 20_000
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture

@@ -15,8 +15,8 @@ from django.db import connection
 from sagas import messaging, outbox
 from sagas.consumer import SagaConsumer
 from sagas.models import OutboxMessage, Saga, TimelineEntry
-from tests.conftest import ORDER, _in_thread, finished, wait_for
-from tools.stack import ROOT, Stack
+from tests.conftest import ORDER, in_thread, finished, wait_for
+from tools.stack import ROOT, Stack, free_port
 
 pytestmark = [pytest.mark.integration]
 
@@ -28,7 +28,7 @@ def database_url() -> str:
 def test_competing_consumers_apply_each_transition_once(saga_stack, settings):
     settings.SAGA_STEP_TIMEOUT_SECONDS = 1.0  # sku-silent-once makes deadlines pass: all consumers look at once
     extra = [SagaConsumer(messaging.Broker(), deadline_check_seconds=0.05) for _ in range(2)]
-    threads = [_in_thread(consumer.run, f"extra-consumer-{i}") for i, consumer in enumerate(extra)]
+    threads = [in_thread(consumer.run, f"extra-consumer-{i}") for i, consumer in enumerate(extra)]
     products = ["sku-1", "sku-silent-once", "sku-sold-out", "sku-dup", "sku-2"]
     saga_ids = []
     for i in range(40):
@@ -83,7 +83,7 @@ def test_with_the_broker_away_orders_are_accepted_and_run_once_it_is_back(saga_s
 
 
 def test_with_the_database_away_create_order_answers_503(tmp_path, auth_service):
-    stack = Stack.create(log_dir=tmp_path, web_port=_free_port(), DJANGO_SETTINGS_MODULE="tests.settings",
+    stack = Stack.create(log_dir=tmp_path, web_port=free_port(), DJANGO_SETTINGS_MODULE="tests.settings",
                          DATABASE_URL="postgres://postgres@127.0.0.1:1/nowhere")
     stack.env["AUTHERIZATION_SERVER_PORT"] = str(auth_service.server_port)
     stack.start_web()
@@ -95,11 +95,3 @@ def test_with_the_database_away_create_order_answers_503(tmp_path, auth_service)
         assert "nothing was started" in json.loads(response.content)["detail"]
     finally:
         stack.stop_all()
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -113,6 +114,13 @@ class Stack:
     def wait_auth(self, timeout: float = 30.0) -> None:
         wait_http(f"http://127.0.0.1:{self.auth_port}/auth/verify", timeout=timeout, what="the demo auth service",
                   accept=(401,))
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now, for a process the caller is about to start."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def wait_http(url: str, *, timeout: float, what: str, accept: tuple[int, ...] = ()) -> None:

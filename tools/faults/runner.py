@@ -11,7 +11,6 @@ import logging
 import os
 import random
 import secrets
-import socket
 import statistics
 import threading
 import time
@@ -35,7 +34,7 @@ from tools.faults.schedule import (
     plan_faults,
     plan_poison,
 )
-from tools.stack import ROOT, Stack
+from tools.stack import ROOT, Stack, free_port
 
 log = logging.getLogger(__name__)
 
@@ -116,12 +115,6 @@ class ScenarioResult:
         lines.append("RESULT: " + ("all checks passed" if self.ok else
                                    "FAILED: " + ", ".join(r.name for r in self.report.failures)) + reported)
         return "\n".join(lines)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class Scenario:
