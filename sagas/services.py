@@ -21,7 +21,7 @@ from django.conf import settings
 from django.db import IntegrityError, InterfaceError, OperationalError, transaction
 from django.utils import timezone as django_timezone
 
-from sagas import engine, live, outbox, store
+from sagas import engine, live, mirror, outbox, store
 from sagas.engine import Decision, Limits, Reply, SagaState
 from sagas.models import Saga, SagaStep, TimelineEntry
 
@@ -110,8 +110,8 @@ def _timeline(saga_id: str, cause: Cause, decision: Decision, before: SagaState 
 
 def _append_history(saga_id: str, cause: Cause, decision: Decision, before: SagaState | None, now: float) -> list:
     """The timeline entries and the outbox rows of one transition, inside its transaction."""
-    TimelineEntry.objects.bulk_create(_timeline(saga_id, cause, decision, before, now))
-    return outbox.OutboxMessage.objects.bulk_create(outbox.outbox_row(saga_id, m) for m in decision.messages)
+    mirror.insert(_timeline(saga_id, cause, decision, before, now))
+    return mirror.insert([outbox.outbox_row(saga_id, m) for m in decision.messages])
 
 
 def _after_commit(state: SagaState, rows: list) -> None:
@@ -149,14 +149,14 @@ def start_order_saga(
     cause = Cause(kind=TimelineEntry.Kind.STARTED, actor=user_id, body={"items": items, "currency": currency})
     try:
         with transaction.atomic():
-            saga = Saga.objects.create(
+            [saga] = mirror.insert([Saga(
                 id=saga_id, user_id=user_id, currency=currency, items=items, payment_method=payment_method,
                 idempotency_key=idempotency_key, request_fingerprint=fingerprint, **_row_fields(state),
-            )
-            SagaStep.objects.bulk_create(
+            )])
+            mirror.insert([
                 SagaStep(saga=saga, position=i, name=step.name, status=step.status, attempts=step.attempts)
                 for i, step in enumerate(state.steps)
-            )
+            ])
             rows = _append_history(saga_id, cause, decision, None, now)
     except IntegrityError:
         existing = idempotency_key and _replayed(user_id, idempotency_key, fingerprint)
@@ -205,19 +205,16 @@ def _transition(saga_id: str, decide: Callable[[SagaState, float], Decision], ca
                 from_database = True  # Redis was behind: judge the event against the record of truth
                 continue
             if record_ignored:
-                TimelineEntry.objects.bulk_create(_timeline(saga_id, cause, decision, before, now))
+                mirror.insert(_timeline(saga_id, cause, decision, before, now))
                 _log_decision(cause, decision)
             return decision
         state = replace(decision.state, version=before.version + 1)
         decision = replace(decision, state=state)
         try:
             with transaction.atomic():
-                if Saga.objects.filter(pk=saga_id, version=before.version).update(**_row_fields(state)) != 1:
+                if mirror.update(Saga, {"pk": saga_id, "version": before.version}, _row_fields(state)) != 1:
                     raise _Lost()
-                for old, new in zip(before.steps, state.steps):
-                    if old != new:
-                        SagaStep.objects.filter(saga_id=saga_id, name=new.name).update(
-                            status=new.status, attempts=new.attempts, compensation_attempts=new.compensation_attempts)
+                _mirror_steps(saga_id, before, state)
                 rows = _append_history(saga_id, cause, decision, before, now)
         except (_Lost, IntegrityError):
             from_database = True  # someone else moved the saga, or Redis was behind: decide again
@@ -226,6 +223,14 @@ def _transition(saga_id: str, decide: Callable[[SagaState, float], Decision], ca
         _after_commit(state, rows)
         return decision
     raise ConcurrentChange(saga_id)
+
+
+def _mirror_steps(saga_id: str, before: SagaState, after: SagaState) -> None:
+    changed = [new for old, new in zip(before.steps, after.steps) if old != new]
+    if changed:
+        now = django_timezone.now()
+        mirror.update_many(SagaStep, ["saga_id", "name"], ["status", "attempts", "compensation_attempts", "updated_at"],
+                           [[saga_id, s.name, s.status, s.attempts, s.compensation_attempts, now] for s in changed])
 
 
 class _Lost(Exception):
