@@ -148,7 +148,7 @@ def start_order_saga(
     decision = replace(decision, state=state, note="order accepted")
     cause = Cause(kind=TimelineEntry.Kind.STARTED, actor=user_id, body={"items": items, "currency": currency})
     try:
-        with transaction.atomic():
+        with transaction.atomic(), mirror.pipeline():
             [saga] = mirror.insert([Saga(
                 id=saga_id, user_id=user_id, currency=currency, items=items, payment_method=payment_method,
                 idempotency_key=idempotency_key, request_fingerprint=fingerprint, **_row_fields(state),
@@ -212,10 +212,12 @@ def _transition(saga_id: str, decide: Callable[[SagaState, float], Decision], ca
         decision = replace(decision, state=state)
         try:
             with transaction.atomic():
-                if mirror.update(Saga, {"pk": saga_id, "version": before.version}, _row_fields(state)) != 1:
-                    raise _Lost()
-                _mirror_steps(saga_id, before, state)
-                rows = _append_history(saga_id, cause, decision, before, now)
+                with mirror.pipeline():
+                    saga_row = mirror.update(Saga, {"pk": saga_id, "version": before.version}, _row_fields(state))
+                    _mirror_steps(saga_id, before, state)
+                    rows = _append_history(saga_id, cause, decision, before, now)
+                if saga_row.rowcount != 1:
+                    raise _Lost()  # rolls the steps, timeline and outbox rows back with it
         except (_Lost, IntegrityError):
             from_database = True  # someone else moved the saga, or Redis was behind: decide again
             continue
