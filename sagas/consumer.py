@@ -32,7 +32,7 @@ class SagaConsumer:
         outbox.use_publisher(self.broker)
         self.broker.consume(messaging.REPLIES_QUEUE, self.handle_delivery, prefetch=self.prefetch,
                             should_stop=lambda: self.stopping, tick=self.tick,
-                            busy_tick=lambda: self.tick(deadlines=False))
+                            busy_tick=lambda: self.tick(deadlines=False), handle_batch=self.handle_batch)
         outbox.flush_sent()
         self.broker.close()
         log.info("consumer stopped", extra={"dead_lettered": self.dead_lettered})
@@ -52,6 +52,29 @@ class SagaConsumer:
             raise messaging.RetryLater(f"database unavailable: {error!r}") from error
         except Exception as error:  # a bug: try a few times without blocking the queue, then set aside
             self.retry_or_dead_letter(delivery, error)
+
+    def handle_batch(self, deliveries: list[messaging.Delivery]) -> set[int]:
+        """Apply a round of replies together where that is plain sailing (see services.handle_replies);
+        the positions of those applied. The rest, and all of them if anything goes wrong here, go
+        through `handle_delivery` one by one."""
+        parsed = []
+        for position, delivery in enumerate(deliveries):
+            try:
+                saga_id, reply = parse_reply(delivery.body)
+            except PoisonMessage:
+                continue
+            parsed.append((position, services.IncomingReply(saga_id, reply, delivery.message_id or "", delivery.redelivered)))
+        if len(parsed) < 2:
+            return set()
+        try:
+            applied = services.handle_replies([incoming for _, incoming in parsed])
+        except messaging.BrokerUnavailable:
+            raise
+        except Exception as error:  # each reply will be judged alone, with its own error handling
+            close_old_connections()
+            log.warning("replies not applied together, one by one instead: %r", error, extra={"replies": len(parsed)})
+            return set()
+        return {position for (position, _), ok in zip(parsed, applied) if ok}
 
     def retry_or_dead_letter(self, delivery: messaging.Delivery, error: Exception) -> None:
         tries = int(delivery.headers.get(TRIES_HEADER, 0)) + 1

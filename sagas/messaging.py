@@ -163,15 +163,53 @@ class Broker:
         tick: Callable[[], None] = lambda: None,
         tick_seconds: float = 0.2,
         busy_tick: Callable[[], None] | None = None,
+        handle_batch: Callable[[list[Delivery]], set[int]] | None = None,
     ) -> None:
         """Deliver messages to `handle` until `should_stop()`; ack each after `handle` returns.
 
         `handle` raising `RetryLater` puts the message back after a pause (an outage, not the
-        message's fault). `tick` runs between deliveries and at least every `tick_seconds`
-        while the queue is idle; pika goes on dispatching as long as the queue holds messages,
-        so during a backlog `busy_tick` (if given) runs instead, at least every `tick_seconds`.
-        A lost connection is reopened with backoff; unacked messages come back by themselves.
+        message's fault). `tick` runs whenever no more deliveries are waiting, and at least every
+        `tick_seconds` while the queue is idle; during a backlog (deliveries keep arriving as fast
+        as they are handled) `busy_tick` (if given) runs instead, at least every `tick_seconds`.
+        Deliveries come in rounds: those that arrived together. `handle_batch` (if given) first sees
+        each round together and returns the positions of those it handled; these are acked without
+        `handle`. A lost connection is reopened with backoff; unacked messages come back by themselves.
         """
+        last_tick = time.monotonic()
+
+        def busy() -> None:
+            nonlocal last_tick
+            if busy_tick is not None and time.monotonic() - last_tick >= tick_seconds:
+                last_tick = time.monotonic()
+                busy_tick()
+
+        def settle(channel, deliveries: list[tuple[int, Delivery]]) -> None:
+            """Handle one round of deliveries and ack, or put back, each of them."""
+            handled = handle_batch([d for _, d in deliveries]) if handle_batch and len(deliveries) > 1 else set()
+            for position, (tag, delivery) in enumerate(deliveries):
+                if position in handled:
+                    channel.basic_ack(tag)
+                    continue
+                if should_stop():
+                    channel.basic_nack(tag, requeue=True)
+                    continue
+                try:
+                    handle(delivery)
+                except RetryLater as error:
+                    log.warning("message put back: %s", error, extra={"queue": queue_name})
+                    channel.basic_nack(tag, requeue=True)
+                    time.sleep(error.pause)
+                    continue
+                except CONNECTION_ERRORS + (BrokerUnavailable,):
+                    raise
+                except Exception:
+                    log.exception("message handler failed; message put back", extra={"queue": queue_name})
+                    channel.basic_nack(tag, requeue=True)
+                    time.sleep(1.0)
+                    continue
+                channel.basic_ack(tag)
+                busy()
+
         backoff = Backoff()
         while not should_stop():
             try:
@@ -179,34 +217,10 @@ class Broker:
                 connection = self._connection
                 consume_channel = connection.channel()
                 consume_channel.basic_qos(prefetch_count=prefetch)
-                last_tick = time.monotonic()
-
-                def on_message(ch, method, properties, body):
-                    nonlocal last_tick
-                    if should_stop():
-                        ch.basic_nack(method.delivery_tag, requeue=True)
-                        return
-                    delivery = _delivery(method, properties, body)
-                    try:
-                        handle(delivery)
-                    except RetryLater as error:
-                        log.warning("message put back: %s", error, extra={"queue": queue_name})
-                        ch.basic_nack(method.delivery_tag, requeue=True)
-                        time.sleep(error.pause)
-                        return
-                    except CONNECTION_ERRORS + (BrokerUnavailable,):
-                        raise
-                    except Exception:
-                        log.exception("message handler failed; message put back", extra={"queue": queue_name})
-                        ch.basic_nack(method.delivery_tag, requeue=True)
-                        time.sleep(1.0)
-                        return
-                    ch.basic_ack(method.delivery_tag)
-                    if busy_tick is not None and time.monotonic() - last_tick >= tick_seconds:
-                        last_tick = time.monotonic()
-                        busy_tick()
-
-                consume_channel.basic_consume(queue_name, on_message)
+                round_: list[tuple[int, Delivery]] = []
+                consume_channel.basic_consume(
+                    queue_name, lambda ch, method, properties, body: round_.append(
+                        (method.delivery_tag, _delivery(method, properties, body))))
                 log.info("consuming", extra={"queue": queue_name, "prefetch": prefetch})
                 backoff.reset()
                 while not should_stop():
@@ -216,6 +230,11 @@ class Broker:
                         raise BrokerUnavailable("connection lost while publishing")
                     connection.process_data_events(time_limit=tick_seconds)
                     last_tick = time.monotonic()
+                    while round_ and not should_stop():  # more keep coming: a backlog
+                        deliveries, round_[:] = list(round_), []
+                        settle(consume_channel, deliveries)
+                        busy()
+                        connection.process_data_events(time_limit=0)
                     tick()
                 consume_channel.close()
             except (BrokerUnavailable, *CONNECTION_ERRORS) as error:

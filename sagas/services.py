@@ -23,7 +23,7 @@ from django.utils import timezone as django_timezone
 
 from sagas import engine, live, mirror, outbox, store
 from sagas.engine import Decision, Limits, Reply, SagaState
-from sagas.models import Saga, SagaStep, TimelineEntry
+from sagas.models import OutboxMessage, Saga, SagaStep, TimelineEntry
 
 log = logging.getLogger(__name__)
 
@@ -108,17 +108,50 @@ def _timeline(saga_id: str, cause: Cause, decision: Decision, before: SagaState 
     return entries
 
 
-def _append_history(saga_id: str, cause: Cause, decision: Decision, before: SagaState | None, now: float) -> list:
-    """The timeline entries and the outbox rows of one transition, inside its transaction."""
-    mirror.insert(_timeline(saga_id, cause, decision, before, now))
-    return mirror.insert([outbox.outbox_row(saga_id, m) for m in decision.messages])
+@dataclass(frozen=True)
+class _Change:
+    """One decided transition of one saga, to be mirrored and then announced."""
+
+    saga_id: str
+    cause: Cause
+    before: SagaState | None
+    decision: Decision
+    now: float
 
 
-def _after_commit(state: SagaState, rows: list) -> None:
-    store.write_state(state)
+def _commit(changes: list[_Change]) -> list[OutboxMessage]:
+    """Mirror the changes in one transaction, each saga's row compare-and-set on its version;
+    raises _Lost, rolling all of them back, if any saga moved meanwhile. Returns the outbox rows."""
+    with transaction.atomic():
+        with mirror.pipeline():
+            saga_rows = [mirror.update(Saga, {"pk": c.saga_id, "version": c.before.version}, _row_fields(c.decision.state))
+                         for c in changes]
+            _mirror_steps(changes)
+            mirror.insert([e for c in changes for e in _timeline(c.saga_id, c.cause, c.decision, c.before, c.now)])
+            rows = mirror.insert([outbox.outbox_row(c.saga_id, m) for c in changes for m in c.decision.messages])
+        if any(row.rowcount != 1 for row in saga_rows):
+            raise _Lost()
+    return rows
+
+
+def _announce(changes: list[_Change], rows: list[OutboxMessage]) -> None:
+    """After the commit: the log lines, the states to Redis, the messages to the broker, the live pages."""
+    for change in changes:
+        _log_decision(change.cause, change.decision)
+    store.write_states([change.decision.state for change in changes])
     if rows:
         outbox.publish(rows)
-    live.saga_changed(state)
+    for change in changes:
+        live.saga_changed(change.decision.state)
+
+
+def _mirror_steps(changes: list[_Change]) -> None:
+    now = django_timezone.now()
+    changed = [[c.saga_id, new.name, new.status, new.attempts, new.compensation_attempts, now]
+               for c in changes if c.before for old, new in zip(c.before.steps, c.decision.state.steps) if old != new]
+    if changed:
+        mirror.update_many(SagaStep, ["saga_id", "name"], ["status", "attempts", "compensation_attempts", "updated_at"],
+                           changed)
 
 
 def _log_decision(cause: Cause, decision: Decision) -> None:
@@ -157,14 +190,14 @@ def start_order_saga(
                 SagaStep(saga=saga, position=i, name=step.name, status=step.status, attempts=step.attempts)
                 for i, step in enumerate(state.steps)
             ])
-            rows = _append_history(saga_id, cause, decision, None, now)
+            mirror.insert(_timeline(saga_id, cause, decision, None, now))
+            rows = mirror.insert([outbox.outbox_row(saga_id, m) for m in decision.messages])
     except IntegrityError:
         existing = idempotency_key and _replayed(user_id, idempotency_key, fingerprint)
         if existing:
             return existing, False
         raise
-    _log_decision(cause, decision)
-    _after_commit(state, rows)
+    _announce([_Change(saga_id, cause, None, decision, now)], rows)
     return saga, True
 
 
@@ -208,31 +241,19 @@ def _transition(saga_id: str, decide: Callable[[SagaState, float], Decision], ca
                 mirror.insert(_timeline(saga_id, cause, decision, before, now))
                 _log_decision(cause, decision)
             return decision
-        state = replace(decision.state, version=before.version + 1)
-        decision = replace(decision, state=state)
+        change = _Change(saga_id, cause, before, _next_version(decision, before), now)
         try:
-            with transaction.atomic():
-                with mirror.pipeline():
-                    saga_row = mirror.update(Saga, {"pk": saga_id, "version": before.version}, _row_fields(state))
-                    _mirror_steps(saga_id, before, state)
-                    rows = _append_history(saga_id, cause, decision, before, now)
-                if saga_row.rowcount != 1:
-                    raise _Lost()  # rolls the steps, timeline and outbox rows back with it
+            rows = _commit([change])
         except (_Lost, IntegrityError):
             from_database = True  # someone else moved the saga, or Redis was behind: decide again
             continue
-        _log_decision(cause, decision)
-        _after_commit(state, rows)
-        return decision
+        _announce([change], rows)
+        return change.decision
     raise ConcurrentChange(saga_id)
 
 
-def _mirror_steps(saga_id: str, before: SagaState, after: SagaState) -> None:
-    changed = [new for old, new in zip(before.steps, after.steps) if old != new]
-    if changed:
-        now = django_timezone.now()
-        mirror.update_many(SagaStep, ["saga_id", "name"], ["status", "attempts", "compensation_attempts", "updated_at"],
-                           [[saga_id, s.name, s.status, s.attempts, s.compensation_attempts, now] for s in changed])
+def _next_version(decision: Decision, before: SagaState) -> Decision:
+    return replace(decision, state=replace(decision.state, version=before.version + 1))
 
 
 class _Lost(Exception):
@@ -246,11 +267,50 @@ def _in_inbox(saga_id: str, cause: Cause) -> bool:
     ).exists()
 
 
+@dataclass(frozen=True)
+class IncomingReply:
+    saga_id: str
+    reply: Reply
+    message_id: str = ""
+    redelivered: bool = False
+
+    def cause(self) -> Cause:
+        reply = self.reply
+        return Cause(kind=TimelineEntry.Kind.REPLY, command=reply.command, attempt=reply.attempt, status=reply.status,
+                     reason=reply.reason or "", message_id=self.message_id, redelivered=self.redelivered,
+                     body={"data": reply.data} if reply.data else None)
+
+
 def handle_reply(*, saga_id: str, reply: Reply, message_id: str = "", redelivered: bool = False) -> Decision:
-    cause = Cause(kind=TimelineEntry.Kind.REPLY, command=reply.command, attempt=reply.attempt, status=reply.status,
-                  reason=reply.reason or "", message_id=message_id, redelivered=redelivered,
-                  body={"data": reply.data} if reply.data else None)
+    cause = IncomingReply(saga_id, reply, message_id, redelivered).cause()
     return _transition(saga_id, lambda state, now: engine.on_reply(state, reply, limits=saga_limits(), now=now), cause)
+
+
+def handle_replies(replies: list[IncomingReply]) -> list[bool]:
+    """Apply several replies at once: one Redis read, one database transaction, one Redis write.
+
+    Only the plain case is taken: the first reply of each saga, first delivered, that the state in
+    Redis awaits. Returns which were applied; every other reply (a saga Redis does not hold, a
+    redelivery, a duplicate, a later reply of the same saga, or all of them if any saga moved
+    meanwhile) is left to `handle_reply`, to be judged alone, after these, in delivery order."""
+    now, seen, changes, applied = time.time(), set(), [], [False] * len(replies)
+    for position, (incoming, before) in enumerate(zip(replies, store.read_states([r.saga_id for r in replies]))):
+        first_of_saga = incoming.saga_id not in seen
+        seen.add(incoming.saga_id)
+        if not first_of_saga or before is None or incoming.redelivered:
+            continue
+        decision = engine.on_reply(before, incoming.reply, limits=saga_limits(), now=now)
+        if decision.changed:
+            changes.append(_Change(incoming.saga_id, incoming.cause(), before, _next_version(decision, before), now))
+            applied[position] = True
+    if not changes:
+        return applied
+    try:
+        rows = _commit(changes)
+    except (_Lost, IntegrityError):
+        return [False] * len(replies)
+    _announce(changes, rows)
+    return applied
 
 
 def handle_timeout(*, saga_id: str) -> Decision:

@@ -25,7 +25,6 @@ redis.call('HSET', KEYS[1], 'version', ARGV[1], 'state', ARGV[2])
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 return 1
 """
-_script = None
 
 
 def _key(saga_id: str) -> str:
@@ -42,16 +41,36 @@ def read_state(saga_id: str) -> SagaState | None:
     return state_from_dict(json.loads(raw)) if raw else None
 
 
+def read_states(saga_ids: list[str]) -> list[SagaState | None]:
+    """`read_state` for several sagas in one round trip."""
+    try:
+        pipe = get_redis_connection("default").pipeline(transaction=False)
+        for saga_id in saga_ids:
+            pipe.hget(_key(saga_id), "state")
+        raws = pipe.execute()
+    except RedisError as error:
+        log.warning("redis unavailable for read: %r", error, extra={"sagas": len(saga_ids)})
+        return [None] * len(saga_ids)
+    return [state_from_dict(json.loads(raw)) if raw else None for raw in raws]
+
+
 def write_state(state: SagaState) -> bool:
     """Store `state` unless Redis already has this version or a newer one."""
-    global _script
+    return write_states([state])[0]
+
+
+def write_states(states: list[SagaState]) -> list[bool]:
+    """`write_state` for several sagas in one round trip."""
     try:
-        connection = get_redis_connection("default")
-        if _script is None:
-            _script = connection.register_script(_WRITE_IF_NEWER)
-        ttl = FINISHED_TTL if state.status in TERMINAL else LIVE_TTL
-        payload = json.dumps(state_to_dict(state), separators=(",", ":"))
-        return bool(_script(keys=[_key(state.saga_id)], args=[state.version, payload, ttl], client=connection))
+        # EVAL, not EVALSHA: Redis caches the script by its text, and a pipeline of EVALSHA would
+        # first ask whether the script is loaded, a second round trip each time
+        pipe = get_redis_connection("default").pipeline(transaction=False)
+        for state in states:
+            ttl = FINISHED_TTL if state.status in TERMINAL else LIVE_TTL
+            payload = json.dumps(state_to_dict(state), separators=(",", ":"))
+            pipe.eval(_WRITE_IF_NEWER, 1, _key(state.saga_id), state.version, payload, ttl)
+        return [bool(written) for written in pipe.execute()]
     except RedisError as error:
-        log.warning("redis unavailable for write: %r", error, extra={"saga_id": state.saga_id, "version": state.version})
-        return False
+        log.warning("redis unavailable for write: %r", error,
+                    extra={"saga_id": states[0].saga_id if len(states) == 1 else None, "sagas": len(states)})
+        return [False] * len(states)
