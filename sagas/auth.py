@@ -32,6 +32,7 @@ class AuthClient:
         self.verify_url = verify_url
         self.timeout = (CONNECT_TIMEOUT, read_timeout)
         self.session = requests.Session()
+        self.session.trust_env = False  # no proxy or .netrc lookups: the auth service is called directly
         self.session.mount("http://", requests.adapters.HTTPAdapter(pool_maxsize=32))
         self.session.mount("https://", requests.adapters.HTTPAdapter(pool_maxsize=32))
 
