@@ -33,12 +33,7 @@ def _key(saga_id: str) -> str:
 
 def read_state(saga_id: str) -> SagaState | None:
     """The state Redis holds, or None if it holds none or cannot be reached."""
-    try:
-        raw = get_redis_connection("default").hget(_key(saga_id), "state")
-    except RedisError as error:
-        log.warning("redis unavailable for read: %r", error, extra={"saga_id": saga_id})
-        return None
-    return state_from_dict(json.loads(raw)) if raw else None
+    return read_states([saga_id])[0]
 
 
 def read_states(saga_ids: list[str]) -> list[SagaState | None]:
