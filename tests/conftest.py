@@ -3,8 +3,10 @@ PostgreSQL, Redis and RabbitMQ on this machine, the demo auth service and partic
 import json
 import threading
 import time
+import uuid
 
 import pytest
+from django.conf import settings
 from django_redis import get_redis_connection
 
 from sagas import messaging
@@ -12,6 +14,7 @@ from sagas.consumer import SagaConsumer
 from sagas.demo.auth_server import serve_auth
 from sagas.demo.participants import start_participants
 from sagas.models import Saga
+from tools.faults import infra
 
 CUSTOMER_TOKEN, OTHER_CUSTOMER_TOKEN, STAFF_TOKEN = "demo-alice", "demo-bob", "demo-staff"
 ORDER = {"items": [{"product_id": "sku-1", "quantity": 2}], "currency": "EUR", "payment_method": "pm-123"}
@@ -140,3 +143,12 @@ def slow_auth_service(settings):
     yield f"http://127.0.0.1:{server.server_port}/auth/verify"
     server.shutdown()
     server.server_close()
+
+
+@pytest.fixture
+def private_queue():
+    """A durable queue of the test's own in the tests' vhost, deleted afterwards."""
+    vhost, queue = settings.RABBITMQ["vhost"], f"tests.{uuid.uuid4().hex}"
+    infra.declare_queue(vhost, queue)
+    yield queue
+    infra.delete_queue(vhost, queue)

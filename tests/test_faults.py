@@ -13,14 +13,11 @@ import os
 import shutil
 import threading
 import time
-import uuid
 
 import pytest
-from django.conf import settings
 
 from sagas import messaging
 from tests.conftest import wait_for
-from tools.faults import infra
 from tools.faults.runner import ScenarioConfig, run_scenario
 from tools.faults.schedule import FAULT_KINDS
 
@@ -63,14 +60,6 @@ def test_no_saga_is_lost_and_no_effect_is_doubled(short_schedule):
                  "Redis disagrees with the database (present ones)", "messages left in saga.replies",
                  "outbox rows not sent", "poison missing from the dead-letter queue", "dead letters that were not poison"):
         assert report.row(name).value == 0, name
-
-
-@pytest.fixture
-def private_queue():
-    vhost, queue = settings.RABBITMQ["vhost"], f"faults.consume-loop.{uuid.uuid4().hex}"
-    infra.declare_queue(vhost, queue)
-    yield queue
-    infra.delete_queue(vhost, queue)
 
 
 @pytest.mark.parametrize("publish_reconnects", [False, True], ids=["connection-closed", "another-connection-opened"])
