@@ -6,7 +6,7 @@ import threading
 import time
 from datetime import timedelta
 
-from django.db import DatabaseError, connections, transaction
+from django.db import connections, transaction
 from django.utils import timezone
 
 from sagas import messaging
@@ -52,7 +52,7 @@ class _SentMarker:
             ids, self._ids = self._ids, []
         try:
             _mark_sent(ids)
-        except DatabaseError as error:  # marked on a later flush; the relay may send them again meanwhile
+        except Exception as error:  # marked on a later flush (the thread must not die); the relay may send them again meanwhile
             log.warning("outbox rows not marked sent yet: %r", error, extra={"rows": len(ids)})
             with self._lock:
                 self._ids[:0] = ids
