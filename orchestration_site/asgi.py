@@ -7,10 +7,11 @@ a worker thread some thirty times (each sync middleware hook is its own hop), ab
 import os
 
 from a2wsgi import WSGIMiddleware
+from django.conf import settings
 from django.core.wsgi import get_wsgi_application
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "orchestration_site.settings")
-django_http_app = WSGIMiddleware(get_wsgi_application(), workers=32)
+django_http_app = WSGIMiddleware(get_wsgi_application(), workers=settings.WEB_THREADS)
 
 from channels.auth import AuthMiddlewareStack  # noqa: E402  (needs the apps loaded)
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402

@@ -16,7 +16,10 @@ if not SECRET_KEY:
 ALLOWED_HOSTS = env_list("DJANGO_ALLOWED_HOSTS", "localhost,127.0.0.1")
 CSRF_TRUSTED_ORIGINS = env_list("DJANGO_CSRF_TRUSTED_ORIGINS", "")
 
+# uvicorn takes PORT from the environment itself; reading it here stops a bad value at start-up
 PORT = env_int("PORT", default=7001, minimum=1, maximum=65535)
+# threads serving HTTP in the web process; the database pool and the auth client's pool match them
+WEB_THREADS = env_int("WEB_THREADS", default=16, minimum=1, maximum=256)
 
 INSTALLED_APPS = [
     "django.contrib.admin",
@@ -65,8 +68,6 @@ try:
     DATABASES = {
         "default": dj_database_url.parse(
             env_str("DATABASE_URL", default=f"sqlite:///{BASE_DIR / 'db.sqlite3'}"),
-            conn_max_age=600,
-            conn_health_checks=True,
         )
     }
 except ValueError as error:
@@ -78,11 +79,9 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
         "timeout": 20,
         "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
     }
-    DATABASES["default"]["CONN_MAX_AGE"] = 0
 elif DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
-    # ASGI runs each request in a thread of its own: pool connections instead of keeping one per thread.
-    DATABASES["default"]["CONN_MAX_AGE"] = 0
-    DATABASES["default"]["OPTIONS"] = {"pool": {"min_size": 1, "max_size": 16, "timeout": 5}}
+    # requests run on a pool of threads: pool connections instead of keeping one per thread
+    DATABASES["default"]["OPTIONS"] = {"pool": {"min_size": 1, "max_size": WEB_THREADS, "timeout": 5}}
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 REDIS_HOST = env_str("REDIS_HOST", default="localhost")
@@ -156,7 +155,6 @@ USE_TZ = True
 STATIC_URL = "static/"
 STATIC_ROOT = BASE_DIR / "staticfiles"
 WHITENOISE_USE_FINDERS = DEBUG
-LOGIN_URL = "admin:login"
 
 # Production hardening. TLS ends at the load balancer, which also redirects http to https:
 # the service itself speaks plain HTTP on PORT behind it (and to the participants' tests).

@@ -15,7 +15,7 @@ from django.utils import timezone
 from django.utils.html import format_html
 from django.utils.timesince import timesince
 
-from sagas import admin_actions, engine, selectors
+from sagas import admin_actions, selectors, services
 from sagas.admin_filters import AgeFilter, CustomerFilter, StepFilter, StuckFilter
 from sagas.failure_reasons import explain_failure
 from sagas.models import Saga
@@ -133,7 +133,7 @@ class SagaAdmin(admin.ModelAdmin):
 
     def render_change_form(self, request, context, add=False, change=False, form_url="", obj=None):
         if obj is not None:
-            state = engine.state_from_dict(obj.state)
+            state = services.state_of(obj)
             context.update(
                 saga=obj,
                 diagram=selectors.step_diagram(state),

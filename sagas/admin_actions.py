@@ -151,10 +151,9 @@ def run_action(model_admin, request, object_id: str, action: StaffAction):
     if not (model_admin.has_view_permission(request, saga) and request.user.has_perm(f"sagas.{action.permission}")):
         raise PermissionDenied
     saga_page = reverse("admin:sagas_saga_change", args=[saga.pk])
-    # the record of truth, which the staff services decide on too; Redis may be a step behind
-    state = services.load_saga_state(str(saga.pk), from_database=True)
-    refusal = action.refusal(state)
-    if refusal and request.method != "POST":
+    state = services.state_of(saga)  # what the staff services decide on too
+    refusal = action.refusal(state) if request.method != "POST" else None
+    if refusal:
         messages.error(request, refusal)
         return HttpResponseRedirect(saga_page)
     form = action.form(request.POST if request.method == "POST" else None, state=state)

@@ -92,15 +92,9 @@ class SagaSerializer(serializers.Serializer):
     currency = serializers.CharField()
     failure_reason = serializers.CharField(allow_null=True)
     current_step = serializers.CharField(allow_null=True)
-    steps = serializers.SerializerMethodField()
+    steps = StepSerializer(many=True, source="state.steps")
     created_at = serializers.DateTimeField()
     updated_at = serializers.DateTimeField()
-
-    def get_steps(self, saga) -> list[dict]:
-        return [
-            {key: step[key] for key in ("name", "status", "attempts", "compensation_attempts")}
-            for step in saga.state["steps"]
-        ]
 
 
 ACCEPTED = inline_serializer("SagaAccepted", {"saga_id": serializers.UUIDField(), "status": serializers.CharField(),
@@ -129,8 +123,7 @@ class OrderViewSet(viewsets.ViewSet):
     def create_order(self, request):
         """Start an order saga: reduce stock, take payment, create the order; undone in reverse on failure."""
         try:
-            if len(request._request.body) > settings.DATA_UPLOAD_MAX_MEMORY_SIZE:
-                raise PayloadTooLarge()
+            request._request.body  # noqa: B018  Django raises RequestDataTooBig past DATA_UPLOAD_MAX_MEMORY_SIZE
         except RequestDataTooBig:
             raise PayloadTooLarge() from None
         key = request.headers.get("Idempotency-Key")

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import requests
 from django.conf import settings
+from django.dispatch import receiver
+from django.test.signals import setting_changed
 from rest_framework import authentication, exceptions, status
 
 log = logging.getLogger(__name__)
@@ -33,8 +35,8 @@ class AuthClient:
         self.timeout = (CONNECT_TIMEOUT, read_timeout)
         self.session = requests.Session()
         self.session.trust_env = False  # no proxy or .netrc lookups: the auth service is called directly
-        self.session.mount("http://", requests.adapters.HTTPAdapter(pool_maxsize=32))
-        self.session.mount("https://", requests.adapters.HTTPAdapter(pool_maxsize=32))
+        self.session.mount("http://", requests.adapters.HTTPAdapter(pool_maxsize=settings.WEB_THREADS))
+        self.session.mount("https://", requests.adapters.HTTPAdapter(pool_maxsize=settings.WEB_THREADS))
 
     def verify(self, authorization: str) -> Caller | None:
         """The caller, None for a rejected token; raises AuthServiceUnavailable otherwise."""
@@ -64,9 +66,17 @@ _client: AuthClient | None = None
 
 def auth_client() -> AuthClient:
     global _client
-    if _client is None or (_client.verify_url, _client.timeout[1]) != (settings.AUTH_VERIFY_URL, settings.AUTH_TIMEOUT_SECONDS):
+    if _client is None:
         _client = AuthClient(settings.AUTH_VERIFY_URL, read_timeout=settings.AUTH_TIMEOUT_SECONDS)
     return _client
+
+
+@receiver(setting_changed)
+def _forget_client(*, setting: str, **kwargs) -> None:
+    """Settings changed at run time (tests do): the next call makes a client from the new ones."""
+    global _client
+    if setting in ("AUTH_VERIFY_URL", "AUTH_TIMEOUT_SECONDS", "WEB_THREADS"):
+        _client = None
 
 
 class BearerTokenAuthentication(authentication.BaseAuthentication):

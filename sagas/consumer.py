@@ -68,8 +68,6 @@ class SagaConsumer:
             return set()
         try:
             applied = services.handle_replies([incoming for _, incoming in parsed])
-        except messaging.BrokerUnavailable:
-            raise
         except Exception as error:  # each reply will be judged alone, with its own error handling
             close_old_connections()
             log.warning("replies not applied together, one by one instead: %r", error, extra={"replies": len(parsed)})
@@ -114,8 +112,6 @@ class SagaConsumer:
             close_old_connections()
             log.warning("deadline check or relay postponed: %r", error)
             self._next_deadline_check = self._next_relay = now + 2.0
-        except messaging.BrokerUnavailable:
-            raise  # the consume loop reconnects
         except Exception:
             log.exception("deadline check or relay failed; trying again shortly")
             self._next_deadline_check = self._next_relay = now + 2.0

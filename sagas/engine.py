@@ -16,6 +16,17 @@ TERMINAL = (COMPLETED, COMPENSATED, FAILED)
 PENDING, STEP_RUNNING, SUCCEEDED, STEP_FAILED, UNKNOWN = "pending", "running", "succeeded", "failed", "unknown"
 STEP_COMPENSATING, STEP_COMPENSATED = "compensating", "compensated"
 OWED = (SUCCEEDED, UNKNOWN, STEP_COMPENSATING)  # steps whose effect may still need undoing
+# the engine's own failure reasons (sagas.failure_reasons puts them in words)
+STAFF_REASON_PREFIX = "compensated by staff: "
+GAVE_UP = " did not succeed: "  # between the compensation that was given up on and why
+
+
+def failed_reason(step_name: str) -> str:
+    return f"{step_name}_failed"
+
+
+def timed_out_reason(step_name: str) -> str:
+    return f"{step_name}_timed_out"
 
 
 @dataclass(frozen=True)
@@ -128,8 +139,11 @@ def _send_compensation(state: SagaState, name: str, limits: Limits, now: float) 
     limit = step.compensation_limit or limits.compensation_max_attempts
     state = _with_step(state, name, status=STEP_COMPENSATING, compensation_attempts=attempt, compensation_limit=limit)
     state = replace(state, awaiting=Awaiting(definition.compensation, attempt, now, now + limits.step_timeout))
-    payload = build_payload(definition.compensation_payload, state.facts)
-    return state, Command(state.saga_id, definition.compensation, attempt, payload)
+    return state, _compensation_command(state, definition, attempt)
+
+
+def _compensation_command(state: SagaState, definition: StepDefinition, attempt: int) -> Command:
+    return Command(state.saga_id, definition.compensation, attempt, build_payload(definition.compensation_payload, state.facts))
 
 
 def terminal_event(state: SagaState) -> Event:
@@ -198,8 +212,7 @@ def _late_reply(state: SagaState, reply: Reply, definition: StepDefinition) -> D
         # The action happened after we gave up on it and undid it: undo it once more.
         attempt = step.compensation_attempts + 1
         state = _with_step(state, step.name, compensation_attempts=attempt, outcome_unknown=False)
-        payload = build_payload(definition.compensation_payload, state.facts)
-        command = Command(state.saga_id, definition.compensation, attempt, payload)
+        command = _compensation_command(state, definition, attempt)
         return Decision(state=state, messages=(command,), note="late success after compensation: compensation sent again")
     if state.status in TERMINAL:
         return ignored(state, f"reply for a {state.status} saga")
@@ -214,7 +227,7 @@ def _forward_reply(state: SagaState, reply: Reply, definition: StepDefinition, l
         state = _with_step(replace(state, facts=facts, awaiting=None), definition.name, status=SUCCEEDED)
         return _advance(state, limits, now)
     state = _with_step(state, definition.name, status=STEP_FAILED)
-    state = replace(state, failure_reason=reply.reason or f"{definition.name}_failed", awaiting=None)
+    state = replace(state, failure_reason=reply.reason or failed_reason(definition.name), awaiting=None)
     return _compensate_next(state, limits, now)
 
 
@@ -230,7 +243,7 @@ def _compensation_reply(state: SagaState, reply: Reply, definition: StepDefiniti
 
 
 def _give_up_compensation(state: SagaState, definition: StepDefinition, why: str) -> Decision:
-    return _finish(replace(state, failure_reason=f"{definition.compensation} did not succeed: {why}"), FAILED)
+    return _finish(replace(state, failure_reason=f"{definition.compensation}{GAVE_UP}{why}"), FAILED)
 
 
 def on_timeout(state: SagaState, *, limits: Limits, now: float) -> Decision:
@@ -245,8 +258,8 @@ def on_timeout(state: SagaState, *, limits: Limits, now: float) -> Decision:
             state, command = _send_forward(state, definition.name, limits, now)
             return Decision(state=state, messages=(command,), note=f"no reply in time: {awaited.command} sent again")
         state = _with_step(state, definition.name, status=UNKNOWN, outcome_unknown=True)
-        reason = f"{definition.name}_timed_out"
-        return _compensate_next(replace(state, awaiting=None, failure_reason=reason), limits, now)
+        state = replace(state, awaiting=None, failure_reason=timed_out_reason(definition.name))
+        return _compensate_next(state, limits, now)
     if step.compensation_attempts < step.compensation_limit:
         state, command = _send_compensation(state, definition.name, limits, now)
         return Decision(state=state, messages=(command,), note=f"no success in time: {awaited.command} sent again")
@@ -264,7 +277,7 @@ def compensate(state: SagaState, *, reason: str, limits: Limits, now: float) -> 
         return resume_compensation(state, limits=limits, now=now)
     if state.awaiting is not None:  # a command is in flight: it may still take effect
         state = _with_step(state, state.current_step, status=UNKNOWN, outcome_unknown=True)
-    state = replace(state, awaiting=None, failure_reason=f"compensated by staff: {reason}")
+    state = replace(state, awaiting=None, failure_reason=f"{STAFF_REASON_PREFIX}{reason}")
     return _compensate_next(state, limits, now)
 
 
@@ -304,8 +317,7 @@ def compensation_plan(state: SagaState) -> list[Command]:
         replace(step, status=UNKNOWN) if step.name == state.current_step else step for step in state.steps
     )
     return [
-        Command(state.saga_id, _definition(step.name).compensation, step.compensation_attempts + 1,
-                build_payload(_definition(step.name).compensation_payload, state.facts))
+        _compensation_command(state, _definition(step.name), step.compensation_attempts + 1)
         for step in reversed(planned)
         if step.status in OWED
     ]

@@ -5,6 +5,7 @@ The engine and the participants speak in short machine reasons (`out_of_stock`,
 """
 from __future__ import annotations
 
+from sagas.engine import GAVE_UP, STAFF_REASON_PREFIX, failed_reason, timed_out_reason
 from sagas.flow import ORDER_SAGA
 
 STEP_WORDS = {"reduce_stock": "reserving the stock", "take_payment": "taking the payment",
@@ -18,8 +19,6 @@ PARTICIPANT_REASONS = {
     "invalid_payload": "A service refused a command as malformed; this is a fault on our side, not the customer's.",
     "already_compensated": "A service had already undone this step when the command arrived late.",
 }
-STAFF_PREFIX = "compensated by staff: "
-GAVE_UP = " did not succeed: "
 
 
 def explain_failure(reason: str | None) -> str | None:
@@ -27,17 +26,17 @@ def explain_failure(reason: str | None) -> str | None:
         return None
     if reason in PARTICIPANT_REASONS:
         return PARTICIPANT_REASONS[reason]
-    if reason.startswith(STAFF_PREFIX):
-        return f"A staff member undid the order, giving the reason: “{reason[len(STAFF_PREFIX):]}”."
+    if reason.startswith(STAFF_REASON_PREFIX):
+        return f"A staff member undid the order, giving the reason: “{reason[len(STAFF_REASON_PREFIX):]}”."
     command, gave_up, why = reason.partition(GAVE_UP)
     if gave_up:
         undoing = COMPENSATION_WORDS.get(command, command)
         return (f"Undoing the order got stuck at {undoing}: it did not succeed ({why}). Staff must act: "
                 f"resume the compensation, or mark the step compensated once it was undone by hand.")
     for step in ORDER_SAGA:
-        if reason == f"{step.name}_timed_out":
+        if reason == timed_out_reason(step.name):
             return (f"The service for {STEP_WORDS[step.name]} never answered, so we gave up on it and undid "
                     f"everything in case it had happened anyway.")
-        if reason == f"{step.name}_failed":
+        if reason == failed_reason(step.name):
             return f"{STEP_WORDS[step.name].capitalize()} failed without a reason given."
     return f"The order failed with the reason “{reason}”."

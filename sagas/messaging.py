@@ -104,6 +104,11 @@ class Broker:
         self._connection = None
         self._channel = None
 
+    @property
+    def connected(self) -> bool:
+        """Whether this broker holds a connection (consume drops it when the broker goes away)."""
+        return self._connection is not None
+
     def _ensure(self):
         if self._connection is None or self._connection.is_closed or self._channel.is_closed:
             self.close()

@@ -10,9 +10,7 @@ the hot path keep using the ORM.
 from contextlib import contextmanager, nullcontext
 
 from django.db import connection
-from django.db.models import AutoField, BigAutoField, Model
-
-_AUTO = (AutoField, BigAutoField)
+from django.db.models import Model
 
 
 def _quote(name: str) -> str:
@@ -34,7 +32,7 @@ def insert(objs: list[Model]) -> list[Model]:
     if not objs:
         return objs
     meta = objs[0]._meta
-    auto_pk = isinstance(meta.pk, _AUTO)
+    auto_pk = meta.auto_field is not None
     fields = [f for f in meta.concrete_fields if not (auto_pk and f.primary_key)]
     row = "(" + ", ".join(["%s"] * len(fields)) + ")"
     sql = (f"INSERT INTO {_quote(meta.db_table)} ({', '.join(_quote(f.column) for f in fields)}) "

@@ -5,10 +5,13 @@ from decimal import Decimal, InvalidOperation
 
 from sagas.engine import Reply
 from sagas.flow import STEP_BY_COMMAND
+from sagas.models import Saga
 
 MAX_REPLY_BYTES = 64 * 1024
-MAX_TOTAL = Decimal("999999999999.99")  # what the saga's total column holds
-MAX_ORDER_ID_LENGTH = 128
+# what the saga's columns hold
+_TOTAL = Saga._meta.get_field("total")
+MAX_TOTAL = Decimal(10) ** (_TOTAL.max_digits - _TOTAL.decimal_places) - Decimal(10) ** -_TOTAL.decimal_places
+MAX_ORDER_ID_LENGTH = Saga._meta.get_field("order_id").max_length
 
 
 class PoisonMessage(Exception):
@@ -43,29 +46,46 @@ def parse_reply(body: bytes) -> tuple[str, Reply]:
     if not isinstance(data, dict):
         raise PoisonMessage("data is neither null nor an object")
     if status == "success":
-        data = _required_data(command, data)
+        data = _learned_data(command, data)
     return saga_id, Reply(command=command, attempt=attempt, status=status, reason=reason, data=data)
 
 
-def _required_data(command: str, data: dict) -> dict:
-    if command == "stock.reduce":
-        total = data.get("total")
-        try:
-            if isinstance(total, bool) or not isinstance(total, (str, int, float)):
-                raise InvalidOperation
-            amount = Decimal(str(total))
-            if not amount.is_finite():
-                raise InvalidOperation
-        except InvalidOperation:
-            raise PoisonMessage("stock.reduce success without a decimal data.total") from None
-        if not 0 <= amount <= MAX_TOTAL:
-            raise PoisonMessage(f"data.total {total!r} is outside 0..{MAX_TOTAL}")
-        return {**data, "total": f"{amount:.2f}"}
-    if command == "order.create":
-        order_id = data.get("order_id")
-        if isinstance(order_id, bool) or not isinstance(order_id, (str, int)) or str(order_id) == "":
-            raise PoisonMessage("order.create success without data.order_id")
-        if len(str(order_id)) > MAX_ORDER_ID_LENGTH:
-            raise PoisonMessage(f"data.order_id is longer than {MAX_ORDER_ID_LENGTH} characters")
-        return {**data, "order_id": str(order_id)}
+def _learned_data(command: str, data: dict) -> dict:
+    """A success reply must carry, well formed, every field its step learns (sagas.flow)."""
+    definition = STEP_BY_COMMAND[command]
+    if command != definition.command:
+        return data  # a compensation teaches nothing
+    for data_field, _fact in definition.learns:
+        data = {**data, data_field: _CHECKS.get(data_field, _present)(command, data_field, data.get(data_field))}
     return data
+
+
+def _present(command: str, data_field: str, value):
+    if value is None:
+        raise PoisonMessage(f"{command} success without data.{data_field}")
+    return value
+
+
+def _total(command: str, data_field: str, total) -> str:
+    try:
+        if isinstance(total, bool) or not isinstance(total, (str, int, float)):
+            raise InvalidOperation
+        amount = Decimal(str(total))
+        if not amount.is_finite():
+            raise InvalidOperation
+    except InvalidOperation:
+        raise PoisonMessage(f"{command} success without a decimal data.{data_field}") from None
+    if not 0 <= amount <= MAX_TOTAL:
+        raise PoisonMessage(f"data.{data_field} {total!r} is outside 0..{MAX_TOTAL}")
+    return f"{amount:.2f}"
+
+
+def _order_id(command: str, data_field: str, order_id) -> str:
+    if isinstance(order_id, bool) or not isinstance(order_id, (str, int)) or str(order_id) == "":
+        raise PoisonMessage(f"{command} success without data.{data_field}")
+    if len(str(order_id)) > MAX_ORDER_ID_LENGTH:
+        raise PoisonMessage(f"data.{data_field} is longer than {MAX_ORDER_ID_LENGTH} characters")
+    return str(order_id)
+
+
+_CHECKS = {"total": _total, "order_id": _order_id}

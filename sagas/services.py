@@ -127,11 +127,16 @@ def _commit(changes: list[_Change]) -> list[OutboxMessage]:
             saga_rows = [mirror.update(Saga, {"pk": c.saga_id, "version": c.before.version}, _row_fields(c.decision.state))
                          for c in changes]
             _mirror_steps(changes)
-            mirror.insert([e for c in changes for e in _timeline(c.saga_id, c.cause, c.decision, c.before, c.now)])
-            rows = mirror.insert([outbox.outbox_row(c.saga_id, m) for c in changes for m in c.decision.messages])
+            rows = _append_history(changes)
         if any(row.rowcount != 1 for row in saga_rows):
             raise _Lost()
     return rows
+
+
+def _append_history(changes: list[_Change]) -> list[OutboxMessage]:
+    """The timeline entries and the outbox rows of the changes, inside their transaction."""
+    mirror.insert([e for c in changes for e in _timeline(c.saga_id, c.cause, c.decision, c.before, c.now)])
+    return mirror.insert([outbox.outbox_row(c.saga_id, m) for c in changes for m in c.decision.messages])
 
 
 def _announce(changes: list[_Change], rows: list[OutboxMessage]) -> None:
@@ -148,7 +153,7 @@ def _announce(changes: list[_Change], rows: list[OutboxMessage]) -> None:
 def _mirror_steps(changes: list[_Change]) -> None:
     now = django_timezone.now()
     changed = [[c.saga_id, new.name, new.status, new.attempts, new.compensation_attempts, now]
-               for c in changes if c.before for old, new in zip(c.before.steps, c.decision.state.steps) if old != new]
+               for c in changes for old, new in zip(c.before.steps, c.decision.state.steps) if old != new]
     if changed:
         mirror.update_many(SagaStep, ["saga_id", "name"], ["status", "attempts", "compensation_attempts", "updated_at"],
                            changed)
@@ -180,6 +185,7 @@ def start_order_saga(
     state = replace(decision.state, version=1)
     decision = replace(decision, state=state, note="order accepted")
     cause = Cause(kind=TimelineEntry.Kind.STARTED, actor=user_id, body={"items": items, "currency": currency})
+    change = _Change(saga_id, cause, None, decision, now)
     try:
         with transaction.atomic(), mirror.pipeline():
             [saga] = mirror.insert([Saga(
@@ -190,14 +196,13 @@ def start_order_saga(
                 SagaStep(saga=saga, position=i, name=step.name, status=step.status, attempts=step.attempts)
                 for i, step in enumerate(state.steps)
             ])
-            mirror.insert(_timeline(saga_id, cause, decision, None, now))
-            rows = mirror.insert([outbox.outbox_row(saga_id, m) for m in decision.messages])
+            rows = _append_history([change])
     except IntegrityError:
         existing = idempotency_key and _replayed(user_id, idempotency_key, fingerprint)
         if existing:
             return existing, False
         raise
-    _announce([_Change(saga_id, cause, None, decision, now)], rows)
+    _announce([change], rows)
     return saga, True
 
 
@@ -208,14 +213,19 @@ def _replayed(user_id: str, idempotency_key: str, fingerprint: str) -> Saga | No
     return existing
 
 
+def state_of(saga: Saga) -> SagaState:
+    """The state a saga row holds (the record of truth; Redis may be a step behind)."""
+    return replace(engine.state_from_dict(saga.state), version=saga.version)
+
+
 def load_saga_state(saga_id: str, *, from_database: bool = False) -> SagaState:
     """The saga's live state: from Redis, or rebuilt from the database mirror (and put back)."""
     state = None if from_database else store.read_state(saga_id)
     if state is None:
-        row = Saga.objects.filter(pk=saga_id).values("state", "version").first()
+        row = Saga.objects.filter(pk=saga_id).only("state", "version").first()
         if row is None:
             raise SagaNotFound(saga_id)
-        state = replace(engine.state_from_dict(row["state"]), version=row["version"])
+        state = state_of(row)
         if not from_database:
             log.info("saga rebuilt from the database", extra={"saga_id": saga_id, "version": state.version})
         store.write_state(state)
@@ -293,13 +303,13 @@ def handle_replies(replies: list[IncomingReply]) -> list[bool]:
     Redis awaits. Returns which were applied; every other reply (a saga Redis does not hold, a
     redelivery, a duplicate, a later reply of the same saga, or all of them if any saga moved
     meanwhile) is left to `handle_reply`, to be judged alone, after these, in delivery order."""
-    now, seen, changes, applied = time.time(), set(), [], [False] * len(replies)
+    now, limits, seen, changes, applied = time.time(), saga_limits(), set(), [], [False] * len(replies)
     for position, (incoming, before) in enumerate(zip(replies, store.read_states([r.saga_id for r in replies]))):
         first_of_saga = incoming.saga_id not in seen
         seen.add(incoming.saga_id)
         if not first_of_saga or before is None or incoming.redelivered:
             continue
-        decision = engine.on_reply(before, incoming.reply, limits=saga_limits(), now=now)
+        decision = engine.on_reply(before, incoming.reply, limits=limits, now=now)
         if decision.changed:
             changes.append(_Change(incoming.saga_id, incoming.cause(), before, _next_version(decision, before), now))
             applied[position] = True

@@ -7,12 +7,14 @@ import uuid
 
 import pytest
 from django.conf import settings
+from django.db import connection
 from django_redis import get_redis_connection
 
 from sagas import messaging
 from sagas.consumer import SagaConsumer
 from sagas.demo.auth_server import serve_auth
 from sagas.demo.participants import start_participants
+from sagas.engine import TERMINAL
 from sagas.models import Saga
 from tools.faults import infra
 
@@ -28,6 +30,12 @@ def wait_for(predicate, *, timeout: float = 20.0, interval: float = 0.05, what: 
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def database_url() -> str:
+    """The test database, as a DATABASE_URL for a process started by the test."""
+    db = connection.settings_dict
+    return f"postgres://{db['USER']}:{db['PASSWORD'] or ''}@{db['HOST']}:{db['PORT']}/{db['NAME']}"
 
 
 @pytest.fixture
@@ -116,7 +124,7 @@ def saga_stack(transactional_db, api, participants, consumer):
 
 def finished(saga_id, timeout=20.0) -> Saga:
     return wait_for(
-        lambda: Saga.objects.filter(pk=saga_id, status__in=["completed", "compensated", "failed"]).first(),
+        lambda: Saga.objects.filter(pk=saga_id, status__in=TERMINAL).first(),
         timeout=timeout, what=f"saga {saga_id} to finish",
     )
 

@@ -88,7 +88,7 @@ def test_auth_checked_before_the_body(api):
     assert api.create_order("not json", token="stolen").status_code == 401
 
 
-def test_auth_service_down_gets_503_and_starts_nothing(api, settings, auth_service):
+def test_auth_service_down_gets_503_and_starts_nothing(api, auth_service):
     auth_service.shutdown()
     auth_service.server_close()
     assert api.create_order().status_code == 503

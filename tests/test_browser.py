@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 from django.contrib.auth.models import Permission
-from django.db import connection
 from playwright.sync_api import expect, sync_playwright
 
-from tests.conftest import CUSTOMER_TOKEN, wait_for
+from sagas.engine import TERMINAL
+from tests.conftest import CUSTOMER_TOKEN, database_url, wait_for
 from tools.stack import ROOT, Stack, free_port
 
 pytestmark = [pytest.mark.browser, pytest.mark.integration]
@@ -30,11 +30,10 @@ def web(saga_stack, auth_service, settings, tmp_path):
     """The web process as production runs it, on the pytest database and Redis, with the demo auth service."""
     # Slow enough that the sku-slow stock reply (1.5 s) is waited for, not given up on.
     settings.SAGA_STEP_TIMEOUT_SECONDS = 5
-    db = connection.settings_dict
     stack = Stack.create(
         log_dir=tmp_path, web_port=free_port(), auth_port=auth_service.server_port,
         DJANGO_SETTINGS_MODULE="tests.settings",  # serves static files from the apps, like the demo does
-        DATABASE_URL=f"postgres://{db['USER']}:{db['PASSWORD'] or ''}@{db['HOST']}:{db['PORT']}/{db['NAME']}",
+        DATABASE_URL=database_url(),
         REDIS_DB=settings.REDIS_DB, DJANGO_SECRET_KEY=settings.SECRET_KEY,
         DJANGO_ALLOWED_HOSTS="127.0.0.1,localhost", SAGA_STEP_TIMEOUT_SECONDS=settings.SAGA_STEP_TIMEOUT_SECONDS,
     )
@@ -96,7 +95,7 @@ def finished_status(web, saga_id) -> str:
     def status():
         with urllib.request.urlopen(request, timeout=5) as response:
             found = json.load(response)["status"]
-        return found if found in ("completed", "compensated", "failed") else None
+        return found if found in TERMINAL else None
 
     return wait_for(status, what=f"saga {saga_id} to finish")
 

@@ -10,19 +10,14 @@ import threading
 
 import pytest
 import requests
-from django.db import connection
 
 from sagas import messaging, outbox
 from sagas.consumer import SagaConsumer
 from sagas.models import OutboxMessage, Saga, TimelineEntry
-from tests.conftest import ORDER, in_thread, finished, wait_for
+from tests.conftest import ORDER, database_url, in_thread, finished, wait_for
 from tools.stack import ROOT, Stack, free_port
 
 pytestmark = [pytest.mark.integration]
-
-
-def database_url() -> str:
-    return f"postgres://postgres@127.0.0.1:5432/{connection.settings_dict['NAME']}"
 
 
 def test_competing_consumers_apply_each_transition_once(saga_stack, settings):
@@ -83,9 +78,8 @@ def test_with_the_broker_away_orders_are_accepted_and_run_once_it_is_back(saga_s
 
 
 def test_with_the_database_away_create_order_answers_503(tmp_path, auth_service):
-    stack = Stack.create(log_dir=tmp_path, web_port=free_port(), DJANGO_SETTINGS_MODULE="tests.settings",
-                         DATABASE_URL="postgres://postgres@127.0.0.1:1/nowhere")
-    stack.env["AUTHERIZATION_SERVER_PORT"] = str(auth_service.server_port)
+    stack = Stack.create(log_dir=tmp_path, web_port=free_port(), auth_port=auth_service.server_port,
+                         DJANGO_SETTINGS_MODULE="tests.settings", DATABASE_URL="postgres://postgres@127.0.0.1:1/nowhere")
     stack.start_web()
     try:
         stack.wait_web()

@@ -10,7 +10,6 @@ from decimal import Decimal
 import pytest
 from hypothesis import given, settings as hypothesis_settings, strategies as st
 
-from sagas.demo.auth_server import serve_auth
 from sagas.demo.catalogue import PLENTY, PRODUCTS, Product
 from sagas.demo.participants import Ledger, handle_command, ledger_summary, reply_plan, reset_ledger
 
@@ -192,14 +191,6 @@ def test_reset_restocks_and_forgets(tmp_path, saga_id):
     ledger.close()
 
 
-@pytest.fixture
-def auth_server():
-    server = serve_auth(0, verify_path="/auth/verify")
-    yield f"http://127.0.0.1:{server.server_port}"
-    server.shutdown()
-    server.server_close()
-
-
 def _get(url: str, token: str | None = None) -> tuple[int, dict]:
     request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
     try:
@@ -209,7 +200,8 @@ def _get(url: str, token: str | None = None) -> tuple[int, dict]:
         return error.code, json.loads(error.read())
 
 
-def test_auth_server_answers_the_contract_over_http(auth_server):
+def test_auth_server_answers_the_contract_over_http(auth_service):
+    auth_server = f"http://127.0.0.1:{auth_service.server_port}"
     assert _get(f"{auth_server}/auth/verify", "demo-alice") == (200, {"user_id": "alice", "is_staff": False})
     assert _get(f"{auth_server}/auth/verify", "demo-staff") == (200, {"user_id": "staff", "is_staff": True})
     assert _get(f"{auth_server}/auth/verify", "stolen")[0] == 401

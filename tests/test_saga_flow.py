@@ -6,6 +6,7 @@ import pytest
 from django_redis import get_redis_connection
 
 from sagas import messaging
+from sagas.store import _key
 from sagas.demo.participants import ledger_summary
 from sagas.models import OutboxMessage, Saga, TimelineEntry
 from tests.conftest import ORDER, finished, wait_for
@@ -131,12 +132,12 @@ def test_a_reply_for_an_unknown_saga_is_set_aside(saga_stack):
 def test_redis_flushed_mid_saga_is_rebuilt_from_the_database(saga_stack, settings):
     settings.SAGA_STEP_TIMEOUT_SECONDS = 5
     saga_id = start(saga_stack, order_of("sku-slow"))  # 1.5 s in the stock step
-    wait_for(lambda: get_redis_connection("default").exists(f"orchestrator:saga:{saga_id}"), what="the saga in Redis")
+    wait_for(lambda: get_redis_connection("default").exists(_key(saga_id)), what="the saga in Redis")
     get_redis_connection("default").flushdb()
     saga = finished(saga_id)
     assert saga.status == "completed"
     assert commands_sent(saga) == [("stock.reduce", 1), ("payment.take", 1), ("order.create", 1)]
-    assert get_redis_connection("default").exists(f"orchestrator:saga:{saga_id}")
+    assert get_redis_connection("default").exists(_key(saga_id))
 
 
 def test_idempotency_key_reuse_runs_one_saga(saga_stack):

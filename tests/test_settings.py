@@ -2,17 +2,17 @@
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from tools.stack import ROOT
 
 
-def start(**env):
+def start(*args, **env):
+    """`manage.py check *args` with only `env` of the DJANGO_, SAGA_ and DATABASE_ variables."""
     environment = {k: v for k, v in os.environ.items() if not k.startswith(("DJANGO_", "SAGA_", "DATABASE_"))}
     environment.update(env)
-    return subprocess.run([sys.executable, "manage.py", "check"], cwd=ROOT, env=environment,
+    return subprocess.run([sys.executable, "manage.py", "check", *args], cwd=ROOT, env=environment,
                           capture_output=True, text=True, timeout=60)
 
 
@@ -44,8 +44,5 @@ def test_fractional_timeouts_and_the_auth_alias_are_accepted():
 
 
 def test_production_settings_pass_the_deploy_checks():
-    environment = {k: v for k, v in os.environ.items() if not k.startswith(("DJANGO_", "SAGA_", "DATABASE_"))}
-    environment["DJANGO_SECRET_KEY"] = "a-long-random-production-secret-" + "k3y" * 20
-    result = subprocess.run([sys.executable, "manage.py", "check", "--deploy", "--fail-level", "WARNING"], cwd=ROOT,
-                            env=environment, capture_output=True, text=True, timeout=60)
+    result = start("--deploy", "--fail-level", "WARNING", DJANGO_SECRET_KEY="a-long-random-production-secret-" + "k3y" * 20)
     assert result.returncode == 0, result.stderr + result.stdout

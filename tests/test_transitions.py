@@ -1,6 +1,7 @@
 """Transitions written to the mirror: alone or several together, a transition that loses its
 compare-and-set, or trips the inbox, leaves no row behind, although its statements went out
 together in one pipeline."""
+import json
 import uuid
 
 import pytest
@@ -31,8 +32,8 @@ def started_saga(fresh_redis, fresh_queues) -> str:
 
 def put_back_in_redis(state: engine.SagaState) -> None:
     """As if Redis had lost the newer state and held this older one again."""
-    get_redis_connection("default").hset(f"orchestrator:saga:{state.saga_id}", mapping={
-        "version": state.version, "state": store.json.dumps(engine.state_to_dict(state))})
+    get_redis_connection("default").hset(store._key(state.saga_id), mapping={
+        "version": state.version, "state": json.dumps(engine.state_to_dict(state))})
 
 
 def sent(saga_id: str) -> list[str]:

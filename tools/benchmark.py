@@ -202,7 +202,7 @@ class EventListener:
         # would retry the vanished queue forever, so stop it (it closes the broker, which clears
         # its connection) and bind a new queue. Events published in the gap are lost; their sagas
         # show up as "no terminal event" and the table warns.
-        lost = lambda: broker._connection is None  # noqa: E731
+        lost = lambda: not broker.connected  # noqa: E731
         try:
             while not self._stopping:
                 try:

@@ -19,21 +19,28 @@ from tools.faults.schedule import FAULT_KINDS  # noqa: E402
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sagas", type=int, default=300, help="orders to send (default 300)")
-    parser.add_argument("--faults", type=int, default=5, help="faults to inject (default 5; 0: a throughput run)")
-    parser.add_argument("--consumers", default="2", help="consumer processes; a list (1,2,4) runs once per count")
+    defaults = ScenarioConfig()  # every default comes from ScenarioConfig (redis_db reads FAULTS_REDIS_DB)
+    parser.add_argument("--sagas", type=int, default=defaults.sagas, help="orders to send (default %(default)s)")
+    parser.add_argument("--faults", type=int, default=defaults.faults,
+                        help="faults to inject (default %(default)s; 0: a throughput run)")
+    parser.add_argument("--consumers", default=str(defaults.consumers),
+                        help="consumer processes; a list (1,2,4) runs once per count")
     parser.add_argument("--seed", type=int, help="schedule and order mix seed (default: random, printed)")
     parser.add_argument("--duration", type=float,
                         help="seconds to spread orders and faults over (default 8 per fault; 0 = as fast as possible)")
-    parser.add_argument("--concurrency", type=int, default=16, help="client requests in flight (default 16)")
+    parser.add_argument("--concurrency", type=int, default=defaults.concurrency,
+                        help="client requests in flight (default %(default)s)")
     parser.add_argument("--poison", type=int, help="poison replies to inject (default 12, 0 without faults)")
-    parser.add_argument("--kinds", default=",".join(FAULT_KINDS), help=f"fault kinds to draw from (default all: {','.join(FAULT_KINDS)})")
-    parser.add_argument("--drain-timeout", type=float, default=180.0)
-    parser.add_argument("--step-timeout", type=float, default=1.0, help="SAGA_STEP_TIMEOUT_SECONDS (default 1)")
-    parser.add_argument("--step-max-attempts", type=int, default=3)
-    parser.add_argument("--compensation-max-attempts", type=int, default=10)
-    parser.add_argument("--redis-db", type=int, default=11, help="Redis db number of its own (default 11)")
-    parser.add_argument("--log-level", default="INFO", help="the service's LOG_LEVEL (default INFO)")
+    parser.add_argument("--kinds", default=",".join(defaults.fault_kinds),
+                        help=f"fault kinds to draw from (default all: {','.join(FAULT_KINDS)})")
+    parser.add_argument("--drain-timeout", type=float, default=defaults.drain_timeout)
+    parser.add_argument("--step-timeout", type=float, default=defaults.step_timeout,
+                        help="SAGA_STEP_TIMEOUT_SECONDS (default %(default)s)")
+    parser.add_argument("--step-max-attempts", type=int, default=defaults.step_max_attempts)
+    parser.add_argument("--compensation-max-attempts", type=int, default=defaults.compensation_max_attempts)
+    parser.add_argument("--redis-db", type=int, default=defaults.redis_db,
+                        help="Redis db number of its own (default %(default)s, from FAULTS_REDIS_DB if set)")
+    parser.add_argument("--log-level", default=defaults.log_level, help="the service's LOG_LEVEL (default %(default)s)")
     parser.add_argument("--log-dir", type=Path, help="default var/faults/<run id>")
     parser.add_argument("--keep", action="store_true", help="keep the database and vhost afterwards")
     args = parser.parse_args()

@@ -32,10 +32,12 @@ import django  # noqa: E402
 
 django.setup()
 
+from sagas import engine  # noqa: E402
+from sagas.flow import ORDER_SAGA, build_payload  # noqa: E402
 from sagas.messaging import COMMANDS_EXCHANGE, Broker, Delivery, encode  # noqa: E402
 
 ITEMS = [{"product_id": "sku-1", "quantity": 1}]
-STEPS = ("stock.reduce", "payment.take", "order.create")
+STEPS = tuple(s.command for s in ORDER_SAGA)
 
 
 @dataclass
@@ -97,7 +99,7 @@ class Driver:
 
     @property
     def lost(self) -> bool:
-        return self.broker._connection is None
+        return not self.broker.connected
 
     @property
     def done(self) -> bool:
@@ -122,13 +124,10 @@ class Driver:
 
     def _send(self, chain: Chain) -> None:
         command = STEPS[chain.step]
-        if command == "stock.reduce":
-            payload = {"items": ITEMS}
-        elif command == "payment.take":
-            payload = {"user_id": "alice", "amount": chain.total, "currency": "EUR", "payment_method": None}
-        else:
-            payload = {"user_id": "alice", "items": ITEMS, "amount": chain.total, "currency": "EUR"}
-        body = {"saga_id": chain.saga_id, "command": command, "attempt": 1, "payload": payload}
+        facts = {"user_id": "alice", "items": ITEMS, "amount": chain.total, "currency": "EUR",
+                 "payment_method": None}
+        payload = build_payload(ORDER_SAGA[chain.step].payload, facts)
+        body = engine.Command(chain.saga_id, command, 1, payload).body()
         self.broker.publish(exchange=COMMANDS_EXCHANGE, routing_key=command, body=encode(body),
                             correlation_id=chain.saga_id, reply_to=self.reply_queue)
 

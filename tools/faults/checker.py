@@ -3,7 +3,8 @@ status says, do Redis and the database agree, is nothing left in flight, and doe
 dead-letter queue hold exactly the poison that was sent?
 
 Reads the database with plain SQL (psycopg), Redis with redis-py, the participants' ledger
-file, and the broker, so it needs nothing of the service's own code but the ledger reader.
+file, and the broker, so it needs nothing of the service's own code but the ledger reader and
+the queue names.
 
 Redis rule: the database is the record; Redis is the live copy. A flush legitimately empties
 Redis, and a saga that was never read again afterwards (most finished ones) stays absent. So a
@@ -20,6 +21,7 @@ from decimal import Decimal
 import psycopg
 
 from sagas.demo.participants import ledger_summary
+from sagas.messaging import DEAD_LETTER_QUEUE, PARTICIPANT_QUEUES, REPLIES_QUEUE
 from tools.faults import infra
 from tools.faults.orders import FORBIDDEN, Order
 
@@ -98,7 +100,7 @@ def unsent_outbox(database_url: str) -> int:
 
 def unfinished(database_url: str) -> int:
     with psycopg.connect(database_url) as connection:
-        return connection.execute("SELECT count(*) FROM sagas_saga WHERE status NOT IN ('completed', 'compensated', 'failed')"
+        return connection.execute("SELECT count(*) FROM sagas_saga WHERE status <> ALL(%s)", (list(TERMINAL),)
                                   ).fetchone()[0]
 
 
@@ -116,11 +118,11 @@ def redis_states(redis_db: int, saga_ids: list[str]) -> dict[str, tuple[int, str
     return present
 
 
-def check(*, orders: list[Order], database_url: str, redis_db: int, ledger_path, vhost: str,
-          poison_ids: list[str], died_on_their_own: list[str]) -> CheckReport:
-    """Everything is stopped when this runs: no process changes what it reads."""
+def check(*, orders: list[Order], sagas: dict[str, SagaRow], database_url: str, redis_db: int, ledger_path,
+          vhost: str, poison_ids: list[str], died_on_their_own: list[str]) -> CheckReport:
+    """Everything is stopped when this runs: no process changes what it reads. `sagas` is
+    `read_sagas(database_url)`, read by the caller after everything stopped."""
     report = CheckReport()
-    sagas = read_sagas(database_url)
     accepted = [order for order in orders if order.accepted]
     by_saga = {order.saga_id: order for order in accepted}
     by_key = {order.key: order for order in orders}
@@ -162,7 +164,7 @@ def check(*, orders: list[Order], database_url: str, redis_db: int, ledger_path,
             if saga.status == "failed":
                 report.notes.append(f"FAILED saga {saga.saga_id}: {saga.failure_reason}; ledger {_fmt(effects)}")
             continue
-        if {k: effects[k] for k in ZERO} != expected:
+        if effects != expected:
             mismatches.append(saga.saga_id)
             report.details.append(f"ledger mismatch: {saga.saga_id} {saga.status} ({saga.failure_reason}):"
                                   f" ledger {_fmt(effects)}, expected {_fmt(expected)}")
@@ -199,9 +201,8 @@ def check(*, orders: list[Order], database_url: str, redis_db: int, ledger_path,
 
     # nothing in flight
     depths = infra.queue_totals(vhost)
-    report.add("messages left in saga.replies", depths.get("saga.replies", 0), 0)
-    report.add("commands left in participant queues",
-               sum(depths.get(q, 0) for q in ("stock.commands", "payment.commands", "order.commands")), 0)
+    report.add(f"messages left in {REPLIES_QUEUE}", depths.get(REPLIES_QUEUE, 0), 0)
+    report.add("commands left in participant queues", sum(depths.get(q, 0) for q in PARTICIPANT_QUEUES), 0)
     report.add("outbox rows not sent", unsent_outbox(database_url), 0)
 
     # events: every finished saga told the related services its final status (at least once)
@@ -221,7 +222,7 @@ def check(*, orders: list[Order], database_url: str, redis_db: int, ledger_path,
                           for saga_id, statuses in wrong_events)
 
     # dead letters: exactly the poison
-    dead = infra.take_all(vhost, "saga.replies.dead")
+    dead = infra.take_all(vhost, DEAD_LETTER_QUEUE)
     seen = Counter(message.message_id for message in dead)
     injected = set(poison_ids)
     report.add("poison injected", len(poison_ids))

@@ -41,17 +41,12 @@ class Order:
     # filled in by the client
     status_code: int | None = None
     saga_id: str | None = None
-    tries: int = 0
     accepted_at: float | None = None
     problems: Counter = field(default_factory=Counter)
 
     @property
     def accepted(self) -> bool:
         return self.saga_id is not None
-
-    @property
-    def quantity(self) -> int:
-        return sum(item["quantity"] for item in self.body["items"])
 
     @property
     def expected_total(self) -> Decimal:
@@ -95,7 +90,6 @@ class OrderClient:
         end, pause = time.monotonic() + self.give_up_after, 0.1
         headers = {"Authorization": f"Bearer {TOKEN}", "Idempotency-Key": order.key}
         while True:
-            order.tries += 1
             try:
                 response = self._session().post(self.url, json=order.body, headers=headers, timeout=self.timeout)
             except requests.RequestException as error:
@@ -120,9 +114,8 @@ class OrderClient:
             pause = min(pause * 2, 2.0)
 
 
-def send_all(client: OrderClient, orders: list[Order], *, duration: float, concurrency: int) -> float:
-    """Send every order, paced evenly over `duration` seconds (0: as fast as `concurrency` allows).
-    Returns the time.time() at which sending started."""
+def send_all(client: OrderClient, orders: list[Order], *, duration: float, concurrency: int) -> None:
+    """Send every order, paced evenly over `duration` seconds (0: as fast as `concurrency` allows)."""
     started = time.time()
     interval = duration / len(orders) if duration > 0 and orders else 0.0
     with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="shop") as pool:
@@ -135,4 +128,3 @@ def send_all(client: OrderClient, orders: list[Order], *, duration: float, concu
     for order, future in sending:
         if future.exception() is not None:  # a bug of the client: the order shows as not accepted
             order.problems[f"client error {future.exception()!r}"] += 1
-    return started

@@ -6,6 +6,7 @@ import json
 import random
 import uuid
 
+from sagas.messaging import REPLIES_QUEUE
 from tools.faults.infra import RawMessage
 
 
@@ -47,5 +48,5 @@ def poison_messages(*, run_id: str, first: int, count: int, saga_ids: list[str],
         why, body = shapes[number % len(shapes)]
         message = RawMessage(message_id=f"poison-{run_id}-{number}", correlation_id=saga_id,
                              headers={"x-fault-run-poison": why}, body=body)
-        messages.append(("saga.replies", message))
+        messages.append((REPLIES_QUEUE, message))
     return messages

@@ -18,8 +18,18 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sagas.messaging import EVENTS_EXCHANGE, PARTICIPANT_QUEUES, REPLIES_QUEUE
 from tools.faults import infra
-from tools.faults.checker import EVENTS_QUEUE, CheckReport, check, read_sagas, unfinished, unsent_outbox
+from tools.faults.checker import (
+    EVENTS_QUEUE,
+    TERMINAL,
+    CheckReport,
+    SagaRow,
+    check,
+    read_sagas,
+    unfinished,
+    unsent_outbox,
+)
 from tools.faults.orders import MIX, Order, OrderClient, make_orders, send_all
 from tools.faults.poison import poison_messages
 from tools.faults.schedule import (
@@ -158,10 +168,11 @@ class Scenario:
             died = self._heal()
             drained_after = self._drain()
             self._stop_service()
-            report = check(orders=self.orders, database_url=self.sandbox.database_url, redis_db=c.redis_db,
-                           ledger_path=self.stack.ledger, vhost=self.sandbox.vhost, poison_ids=self.poison_ids,
-                           died_on_their_own=died)
-            throughput = self._throughput(load_ended)
+            sagas = read_sagas(self.sandbox.database_url)  # nothing runs any more: one read serves both
+            report = check(orders=self.orders, sagas=sagas, database_url=self.sandbox.database_url,
+                           redis_db=c.redis_db, ledger_path=self.stack.ledger, vhost=self.sandbox.vhost,
+                           poison_ids=self.poison_ids, died_on_their_own=died)
+            throughput = self._throughput(load_ended, sagas)
             return ScenarioResult(c, report, throughput, self.happenings, drained_after, self.log_dir)
         finally:
             try:
@@ -191,12 +202,12 @@ class Scenario:
         self.stack.wait_auth()
         self.stack.wait_web()
         end = time.monotonic() + 30
-        while not infra.queue_exists(self.sandbox.vhost, "saga.replies"):  # the consumers declare the topology
+        while not infra.queue_exists(self.sandbox.vhost, REPLIES_QUEUE):  # the consumers declare the topology
             if time.monotonic() > end:
                 raise RuntimeError("the consumers did not declare the topology within 30s")
             time.sleep(0.2)
         # listen to saga.events as a related service would: every finished saga must be told
-        infra.declare_queue(self.sandbox.vhost, EVENTS_QUEUE, bind_to=("saga.events", "saga.*"))
+        infra.declare_queue(self.sandbox.vhost, EVENTS_QUEUE, bind_to=(EVENTS_EXCHANGE, "saga.*"))
 
     def _stop_service(self) -> None:
         # participants first: they flush replies they hold back (sku-slow) to the consumers
@@ -283,7 +294,7 @@ class Scenario:
                 open_sagas = unfinished(self.sandbox.database_url)
                 unsent = unsent_outbox(self.sandbox.database_url)
                 depths = infra.queue_totals(self.sandbox.vhost)
-                depths = {q: depths.get(q, 0) for q in ("saga.replies", "stock.commands", "payment.commands", "order.commands")}
+                depths = {q: depths.get(q, 0) for q in (REPLIES_QUEUE, *PARTICIPANT_QUEUES)}
                 queued = sum(depths.values())
             except Exception as error:  # a service still coming back
                 log.warning("drain: %r", error)
@@ -303,10 +314,9 @@ class Scenario:
         self.out(f"drain timeout after {self.config.drain_timeout:.0f}s")
         return None
 
-    def _throughput(self, load_ended: float) -> dict:
+    def _throughput(self, load_ended: float, sagas: dict[str, SagaRow]) -> dict:
         accepted = [order for order in self.orders if order.accepted]
-        sagas = read_sagas(self.sandbox.database_url)
-        finished = [s for s in sagas.values() if s.status in ("completed", "compensated", "failed")]
+        finished = [s for s in sagas.values() if s.status in TERMINAL]
         completed = [s for s in finished if s.status == "completed"]
         last_accept = max((order.accepted_at for order in accepted), default=load_ended)
         send_seconds = max(last_accept - self.load_started, 1e-6)
