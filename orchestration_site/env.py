@@ -65,3 +65,17 @@ def env_bool(name: str, default: bool = False) -> bool:
 
 def env_list(name: str, default: str) -> list[str]:
     return [item.strip() for item in (env_str(name, default=default) or "").split(",") if item.strip()]
+
+
+RATE_PERIODS = ("s", "sec", "m", "min", "h", "hour", "d", "day")
+
+
+def env_rate(name: str) -> str | None:
+    """A request rate as DRF throttles read it ('100/s', '20/min'); None when unset."""
+    value = _raw(name)
+    if value is None:
+        return None
+    count, _, period = value.strip().partition("/")
+    if not (count.isdigit() and int(count) > 0 and period in RATE_PERIODS):
+        raise ConfigError(f"{name} must be a rate like 100/s or 20/min ({', '.join(RATE_PERIODS)}), got {value!r}")
+    return value.strip()

@@ -1,9 +1,10 @@
 """Settings, read from the environment (see the configuration table in README.md)."""
+from datetime import timedelta
 from pathlib import Path
 
 import dj_database_url
 
-from orchestration_site.env import ConfigError, env_bool, env_int, env_list, env_seconds, env_str
+from orchestration_site.env import ConfigError, env_bool, env_int, env_list, env_rate, env_seconds, env_str
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -30,7 +31,9 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "rest_framework",
     "drf_spectacular",
+    "drf_spectacular_sidecar",  # Swagger UI's files, served from here: /api/docs/ needs no CDN
     "channels",
+    "axes",
     "sagas",
 ]
 
@@ -43,6 +46,7 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "axes.middleware.AxesMiddleware",  # last, as django-axes requires
 ]
 
 ROOT_URLCONF = "orchestration_site.urls"
@@ -130,6 +134,34 @@ SAGA_STEP_TIMEOUT_SECONDS = env_seconds("SAGA_STEP_TIMEOUT_SECONDS", 30.0)
 SAGA_STEP_MAX_ATTEMPTS = env_int("SAGA_STEP_MAX_ATTEMPTS", default=3, minimum=1, maximum=100)
 SAGA_COMPENSATION_MAX_ATTEMPTS = env_int("SAGA_COMPENSATION_MAX_ATTEMPTS", default=10, minimum=1, maximum=1000)
 
+# The support console's door: the admin login is throttled (django-axes), passwords are checked,
+# sessions are short.
+AUTHENTICATION_BACKENDS = ["axes.backends.AxesStandaloneBackend", "django.contrib.auth.backends.ModelBackend"]
+AXES_FAILURE_LIMIT = env_int("AXES_FAILURE_LIMIT", default=5, minimum=1, maximum=1000)
+AXES_COOLOFF_TIME = timedelta(minutes=env_int("AXES_COOLOFF_MINUTES", default=15, minimum=1, maximum=7 * 24 * 60))
+# a username is locked from one address only, so nobody can lock a colleague out from elsewhere
+AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
+AXES_RESET_ON_SUCCESS = True
+# proxies in front of the service that append to X-Forwarded-For (0: use the peer's address)
+TRUSTED_PROXY_COUNT = env_int("TRUSTED_PROXY_COUNT", default=0, minimum=0, maximum=10)
+if TRUSTED_PROXY_COUNT:
+    AXES_IPWARE_PROXY_COUNT = TRUSTED_PROXY_COUNT
+    AXES_IPWARE_META_PRECEDENCE_ORDER = ("HTTP_X_FORWARDED_FOR", "REMOTE_ADDR")
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator", "OPTIONS": {"min_length": 12}},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
+SESSION_COOKIE_AGE = env_int("SESSION_COOKIE_AGE", default=8 * 3600, minimum=60, maximum=30 * 24 * 3600)
+SESSION_EXPIRE_AT_BROWSER_CLOSE = env_bool("SESSION_EXPIRE_AT_BROWSER_CLOSE", False)
+
+# API throttles: off unless set (a shop's normal traffic must never meet a default limit).
+# Counted in the Django cache (Redis). The per-address one is checked before the token goes to
+# the auth service, so a flood of bad tokens stops here.
+API_THROTTLE_USER = env_rate("API_THROTTLE_USER")
+API_THROTTLE_ANON = env_rate("API_THROTTLE_ANON")
+
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": ["sagas.auth.BearerTokenAuthentication"],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
@@ -138,12 +170,26 @@ REST_FRAMEWORK = {
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "EXCEPTION_HANDLER": "sagas.api.exception_handler",
     "UNAUTHENTICATED_USER": None,
+    # OPTIONS gets 405 like any method a route does not serve
+    "DEFAULT_METADATA_CLASS": None,
+    "DEFAULT_CONTENT_NEGOTIATION_CLASS": "sagas.negotiation.JSONWhateverTheAccept",
+    # \uXXXX escapes: a lone surrogate echoed back in an error cannot break the response's UTF-8
+    "UNICODE_JSON": False,
+    # a no-op while API_THROTTLE_USER is unset; API_THROTTLE_ANON is checked by sagas.auth
+    "DEFAULT_THROTTLE_CLASSES": ["sagas.auth.CallerRateThrottle"],
+    # X-Forwarded-For is believed only as far as TRUSTED_PROXY_COUNT proxies wrote it
+    "NUM_PROXIES": TRUSTED_PROXY_COUNT,
 }
 SPECTACULAR_SETTINGS = {
     "TITLE": "Order orchestration API",
     "DESCRIPTION": "Starts order sagas and reports their progress. See ../shared/contract.md.",
     "VERSION": "1.0.0",
     "SERVE_INCLUDE_SCHEMA": False,
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
+    # no badge fetched from swagger.io's validator: the page talks to this service only
+    "SWAGGER_UI_SETTINGS": {"deepLinking": True, "validatorUrl": None},
 }
 # The contract's 64 KiB limit on a request body; larger bodies get 413.
 DATA_UPLOAD_MAX_MEMORY_SIZE = 64 * 1024
