@@ -156,6 +156,23 @@ def test_any_json_document_is_a_202_or_a_400(client, auth_service, body):
     assert isinstance(response.json(), dict)
 
 
+ANY_CHARACTER = st.characters(codec=None, exclude_categories=())  # NUL, lone surrogates, unassigned: all of them
+ANY_STRING = st.text(ANY_CHARACTER, max_size=70) | st.sampled_from(["\x00", "\ud800", "a\udfffb", "sku-1"])
+
+
+@given(product_id=ANY_STRING, payment_method=ANY_STRING, key=st.text(ANY_CHARACTER, max_size=20))
+@settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
+def test_any_string_is_stored_whole_or_refused_never_a_500(client, auth_service, product_id, payment_method, key):
+    order = {"items": [{"product_id": product_id, "quantity": 1}], "payment_method": payment_method}
+    body = {**order, key: 1} if key else order
+    response = post_raw(client, json.dumps(body).encode())  # ensure_ascii: surrogates travel as \uXXXX escapes
+    assert response.status_code in (202, 400), response.content[:300]
+    if response.status_code == 202:
+        saga = Saga.objects.get(pk=response.json()["saga_id"])
+        assert (saga.items[0]["product_id"], saga.payment_method) == (product_id, payment_method)
+        assert not any(c == "\x00" or "\ud800" <= c <= "\udfff" for c in product_id + payment_method)
+
+
 @given(raw=st.binary(max_size=300))
 @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
 def test_any_bytes_are_a_4xx_with_a_json_error(client, auth_service, raw):
@@ -214,3 +231,16 @@ def test_huge_other_headers_change_nothing(client, auth_service):
 
 def test_an_accept_header_naming_nothing_json_still_gets_json(client, auth_service):
     assert_json_error(client.get(f"/sagas/{uuid.uuid4()}", HTTP_ACCEPT="text/html", **AUTH), 404)
+
+
+def test_a_host_the_service_does_not_answer_to_gets_400_json(client):
+    assert_json_error(client.get("/", HTTP_HOST="evil.example"), 400)
+
+
+def test_a_crash_outside_any_view_answers_json_except_on_the_admin(rf):
+    from sagas.api import server_error
+
+    response = server_error(rf.get("/orders/create_order"))
+    assert response.status_code == 500 and json.loads(response.content)["detail"]
+    admin_page = server_error(rf.get("/admin/sagas/saga/"))
+    assert admin_page.status_code == 500 and admin_page["Content-Type"].startswith("text/html")
