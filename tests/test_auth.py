@@ -13,7 +13,7 @@ from django.core.exceptions import ValidationError
 
 from sagas.auth import AuthClient, AuthServiceUnavailable
 from sagas.models import Saga
-from tests.conftest import CUSTOMER_TOKEN, ORDER, OTHER_CUSTOMER_TOKEN
+from tests.conftest import CUSTOMER_TOKEN, OTHER_CUSTOMER_TOKEN
 from tests.test_settings import start
 
 pytestmark = pytest.mark.django_db
