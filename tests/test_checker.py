@@ -10,9 +10,11 @@ participant) and `check` must say so in the row that names it.
 import json
 import random
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 import pytest
+from hypothesis import given, settings as hypothesis_settings, strategies as st
 
 from sagas import messaging, outbox, services
 from sagas.demo.participants import Ledger, handle_command, read_evidence, refuse_compensations, reply_plan
@@ -20,9 +22,16 @@ from sagas.engine import TERMINAL, Reply
 from sagas.models import Saga, TimelineEntry
 from tests.conftest import database_url
 from tools.faults import infra
-from tools.faults.checker import EVENTS_QUEUE, FaultWindow, check, read_sagas
+from tools.faults.checker import EVENTS_QUEUE, FaultWindow, check, doubled_effects, read_sagas
 from tools.faults.orders import Order, order_body
-from tools.faults.schedule import FLUSH_REDIS, KILL_CONSUMER, REFUSE_COMPENSATIONS, RESTART_RABBITMQ
+from tools.faults.schedule import (
+    FLUSH_REDIS,
+    KILL_CONSUMER,
+    PARTICIPANTS,
+    REFUSE_COMPENSATIONS,
+    RESTART_RABBITMQ,
+    plan_faults,
+)
 
 UNORDERABLE = {"items": [{"product_id": "sku-unorderable", "quantity": 1}], "currency": "EUR", "payment_method": "pm-1"}
 
@@ -268,3 +277,31 @@ def test_participants_count_every_delivery_and_a_refusal_lapses(tmp_path):
         ledger.close()
     assert read_evidence(path).received == {("s-1", "stock.restore", 1): 1, ("s-1", "payment.refund", 1): 1,
                                             ("s-1", "stock.restore", 2): 1, ("s-1", "stock.explode", 1): 1}
+
+
+COMMANDS = ("stock.reduce", "stock.restore", "payment.take", "payment.refund", "order.create", "order.cancel")
+PAYLOAD = {"items": [{"product_id": "sku-1", "quantity": 2}, {"product_id": "sku-2", "quantity": 1}],
+           "user_id": "alice", "amount": "44.48", "currency": "EUR", "payment_method": "pm-1"}
+
+
+@given(st.lists(st.tuples(st.sampled_from(COMMANDS), st.integers(1, 4)), min_size=1, max_size=14))
+@hypothesis_settings(max_examples=300, deadline=None)
+def test_no_delivery_order_makes_the_checker_see_a_doubled_effect(deliveries):
+    """The doubled-effect oracle has no false alarms: whatever arrives in whatever order, as often
+    as at-least-once delivery brings it, the participants apply each effect at most once, and
+    every delivery is counted under its (saga, command, attempt)."""
+    ledger = Ledger(":memory:")
+    try:
+        for name, attempt in deliveries:
+            handle_command(ledger, {"saga_id": "s-1", "command": name, "attempt": attempt, "payload": PAYLOAD})
+        assert doubled_effects(ledger.effects()) == {}
+        assert ledger.received() == dict(Counter(("s-1", name, attempt) for name, attempt in deliveries))
+    finally:
+        ledger.close()
+
+
+def test_plan_faults_names_the_refusing_participant_and_refuses_an_unknown_kind():
+    [fault] = plan_faults(seed=3, count=1, window=(0, 10), consumers=2, kinds=(REFUSE_COMPENSATIONS,))
+    assert fault.kind == REFUSE_COMPENSATIONS and fault.target in PARTICIPANTS and fault.down >= 5
+    with pytest.raises(ValueError, match="unknown fault kinds kill_everything"):
+        plan_faults(seed=3, count=1, window=(0, 10), consumers=2, kinds=("kill_everything",))

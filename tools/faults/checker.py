@@ -203,7 +203,7 @@ def check(*, orders: list[Order], sagas: dict[str, SagaRow], database_url: str, 
             report.details.append(f"ledger mismatch: {saga.saga_id} {saga.status} ({saga.failure_reason}):"
                                   f" ledger {_fmt(effects)}, expected {_fmt(expected)}")
     report.add("DUPLICATED/MISSING effects: ledger != status", len(mismatches), 0)
-    doubled = _doubled_effects(evidence.effects)
+    doubled = doubled_effects(evidence.effects)
     report.add("effects applied twice (e.g. a payment taken twice)", len(doubled), 0)
     report.details.extend(f"applied {count} times: {saga_id} {participant} {effect}{' ' + product if product else ''}"
                           for (saga_id, participant, effect, product), count in doubled.items())
@@ -295,7 +295,7 @@ def check(*, orders: list[Order], sagas: dict[str, SagaRow], database_url: str, 
     return report
 
 
-def _doubled_effects(effects: list[dict]) -> dict[tuple, int]:
+def doubled_effects(effects: list[dict]) -> dict[tuple, int]:
     """Effects recorded more than once for one saga (per product, for stock): each participant
     applies an action and its undo at most once per saga, whatever the repeats and redeliveries."""
     counts = Counter((e["saga_id"], e["participant"], e["effect"], e["product_id"]) for e in effects)
