@@ -18,9 +18,9 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sagas.demo.participants import refuse_compensations
 from sagas.messaging import EVENTS_EXCHANGE, PARTICIPANT_QUEUES, REPLIES_QUEUE
 from tools.faults import infra
-from sagas.demo.participants import refuse_compensations
 from tools.faults.checker import (
     EVENTS_QUEUE,
     TERMINAL,

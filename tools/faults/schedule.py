@@ -4,6 +4,11 @@ Faults are spread over the load window, one slot each, and run one after another
 at once), so every fault's effect can be told apart in the logs. Poison batches are published
 between faults, never during one: a broker restart while publishing could make a message
 ambiguous (sent or not?), and the dead-letter check needs to know exactly what was sent.
+
+The schedule is also what the checker holds outcomes against: a saga may end `failed` only when
+a `refuse_compensations` fault (opt-in) made its participant refuse while it ran, and an order
+that should complete may be compensated by timeouts only during or just after a fault that
+delays replies.
 """
 from __future__ import annotations
 
