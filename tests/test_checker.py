@@ -305,3 +305,23 @@ def test_plan_faults_names_the_refusing_participant_and_refuses_an_unknown_kind(
     assert fault.kind == REFUSE_COMPENSATIONS and fault.target in PARTICIPANTS and fault.down >= 5
     with pytest.raises(ValueError, match="unknown fault kinds kill_everything"):
         plan_faults(seed=3, count=1, window=(0, 10), consumers=2, kinds=("kill_everything",))
+
+
+def test_the_runner_summary_shows_the_new_rows_and_the_failed_sagas_the_schedule_caused(run, tmp_path):
+    from tools.faults.runner import Happening, ScenarioConfig, ScenarioResult
+    from tools.faults.schedule import Fault
+
+    saga_id = declined_with_stock_stuck(run)
+    window = around(saga_id, REFUSE_COMPENSATIONS, "stock")
+    fault = Fault(at=0.0, kind=REFUSE_COMPENSATIONS, target="stock", down=window.end - window.start)
+    throughput = dict.fromkeys(["accepted_per_s", "send_seconds", "finished_per_s", "completed_per_s",
+                                "finish_seconds", "latency_p50", "latency_p95", "latency_max"], 0.0)
+    result = ScenarioResult(ScenarioConfig(seed=1).resolved(), run.check(window), throughput,
+                            [Happening(0.0, fault.describe(), fault=fault)], 1.0, tmp_path)
+    summary = result.summary()
+    for row in ("effects applied twice", "FAILED sagas the schedule did not cause",
+                "commands received that the timeline does not show", "commands sent that no participant received",
+                "should-complete orders compensated by timeouts no fault explains"):
+        assert row in summary
+    assert summary.splitlines()[-1] == ("RESULT: all checks passed; 1 failed sagas reported above (compensation"
+                                        " gave up: staff must act), 1 of them made so by the schedule's refusals")
