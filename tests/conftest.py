@@ -105,6 +105,7 @@ def participants(tmp_path, fresh_queues):
     stop.set()
     for thread in threads:
         thread.join(timeout=10)
+    assert not [t.name for t in threads if t.is_alive()], "participants did not stop within 10 s"
 
 
 @pytest.fixture
@@ -114,6 +115,7 @@ def consumer(fast_deadlines, fresh_redis, fresh_queues):
     yield saga_consumer
     saga_consumer.stop()
     thread.join(timeout=10)
+    assert not thread.is_alive(), "the consumer did not stop within 10 s"
 
 
 @pytest.fixture
