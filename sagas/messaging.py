@@ -24,6 +24,11 @@ COMMANDS_EXCHANGE = "saga.commands"
 EVENTS_EXCHANGE = "saga.events"
 REPLIES_QUEUE = "saga.replies"
 DEAD_LETTER_QUEUE = "saga.replies.dead"
+# Dead letters wait for a person; at most this many are kept, the oldest dropped first, so a
+# flood of bad messages cannot fill the broker's disk. (reject-publish instead would refuse the
+# consumer's set-aside publish and stop it on the first bad message over the limit.)
+DEAD_LETTER_LIMIT = 100_000
+DEAD_LETTER_POLICY = "saga-dead-letter-limit"
 PARTICIPANT_QUEUES = {
     "stock.commands": "stock.*",
     "payment.commands": "payment.*",
@@ -89,7 +94,38 @@ def declare_topology(channel) -> None:
         channel.queue_declare(queue_name, durable=True)
         channel.queue_bind(queue_name, COMMANDS_EXCHANGE, routing_key=binding)
     channel.queue_declare(REPLIES_QUEUE, durable=True)
-    channel.queue_declare(DEAD_LETTER_QUEUE, durable=True)
+    _declare_dead_letter_queue(channel.connection)
+
+
+def dead_letter_policy_command(vhost: str) -> str:
+    """The rabbitmqctl command that gives a dead-letter queue declared without a limit its limit."""
+    definition = json.dumps({"max-length": DEAD_LETTER_LIMIT, "overflow": "drop-head"}, separators=(",", ":"))
+    pattern = "^" + DEAD_LETTER_QUEUE.replace(".", "\\.") + "$"
+    return f"rabbitmqctl set_policy -p {vhost} --apply-to queues {DEAD_LETTER_POLICY} '{pattern}' '{definition}'"
+
+
+_warned_unlimited = False
+
+
+def _declare_dead_letter_queue(connection) -> None:
+    """Declare the dead-letter queue with its length limit, on a channel of its own: a queue
+    declared before the limit existed refuses the new arguments (PRECONDITION_FAILED closes
+    the channel), and then it is kept as it is and a policy gives it the limit."""
+    global _warned_unlimited
+    channel = connection.channel()
+    try:
+        channel.queue_declare(DEAD_LETTER_QUEUE, durable=True,
+                              arguments={"x-max-length": DEAD_LETTER_LIMIT, "x-overflow": "drop-head"})
+    except pika.exceptions.ChannelClosedByBroker as error:
+        if error.reply_code != 406:
+            raise
+        channel = connection.channel()
+        channel.queue_declare(DEAD_LETTER_QUEUE, passive=True)
+        if not _warned_unlimited:
+            _warned_unlimited = True
+            log.warning("dead-letter queue was declared without its length limit; apply it as a policy: %s",
+                        dead_letter_policy_command(settings.RABBITMQ["vhost"]), extra={"queue": DEAD_LETTER_QUEUE})
+    channel.close()
 
 
 def encode(body: dict) -> bytes:
