@@ -1,7 +1,8 @@
 """The one module that talks to RabbitMQ (pika). Nothing else imports pika.
 
-It knows the contract's topology, publishes persistent JSON messages with publisher confirms,
-and runs a consume loop with manual acks, a prefetch, and reconnection with backoff.
+It knows the contract's topology, publishes persistent JSON messages with publisher confirms
+within a deadline (declaring the topology again when a message finds no queue), and runs a
+consume loop with manual acks, a prefetch, and reconnection with backoff.
 Connections are not shared between threads: one `Broker` per thread, opened after fork.
 """
 from __future__ import annotations
@@ -11,6 +12,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import pika
@@ -49,7 +51,8 @@ class PublishTimeout(BrokerUnavailable):
 
 
 # pika's BlockingConnection waits for a publisher confirm with no time limit; past this many
-# seconds a publish gives up and leaves its outbox row to the relay.
+# seconds a publish (or the set-up of a new connection's channel) gives up, dropping the
+# connection, and leaves its outbox row to the relay.
 PUBLISH_DEADLINE_SECONDS = 1.5
 
 
@@ -133,9 +136,10 @@ class Broker:
             self.close()
             try:
                 self._connection = pika.BlockingConnection(connection_parameters(heartbeat=self._heartbeat))
-                self._channel = self._connection.channel()
-                self._channel.confirm_delivery()
-                declare_topology(self._channel)
+                with self._deadline():  # the handshake had its own (stack_timeout); the set-up gets this one
+                    self._channel = self._connection.channel()
+                    self._channel.confirm_delivery()
+                    declare_topology(self._channel)
             except CONNECTION_ERRORS as error:
                 self.close()
                 raise BrokerUnavailable(f"cannot connect to RabbitMQ: {error!r}") from error
@@ -184,11 +188,13 @@ class Broker:
         channel = self._ensure()
         try:
             try:
-                self._confirmed_publish(channel, exchange, routing_key, body, properties, mandatory)
+                with self._deadline():
+                    channel.basic_publish(exchange, routing_key, body, properties, mandatory=mandatory)
             except pika.exceptions.UnroutableError:
                 # someone deleted a queue (or a binding): declare ours again and try once more
-                declare_topology(channel)
-                self._confirmed_publish(channel, exchange, routing_key, body, properties, mandatory)
+                with self._deadline():
+                    declare_topology(channel)
+                    channel.basic_publish(exchange, routing_key, body, properties, mandatory=mandatory)
         except pika.exceptions.UnroutableError as error:
             raise Unroutable(f"no queue for routing key {routing_key!r}: {error!r}") from error
         except pika.exceptions.NackError as error:
@@ -200,20 +206,23 @@ class Broker:
             self.close()
             raise BrokerUnavailable(f"lost RabbitMQ while publishing: {error!r}") from error
 
-    def _confirmed_publish(self, channel, exchange, routing_key, body, properties, mandatory) -> None:
-        """basic_publish, dropping the connection if no confirm comes within the publish deadline.
+    @contextmanager
+    def _deadline(self):
+        """Drop the connection if the calls inside have not finished within the publish deadline;
+        the call waiting then raises `_DeadlinePassed`.
 
-        The timer runs on the connection's own I/O loop, which basic_publish drives while it waits
-        for the confirm; it ends the wait the way pika's own blocked_connection_timeout and
-        heartbeat checker do (`_terminate_stream`), and basic_publish raises `_DeadlinePassed`.
-        (Private pika API, pinned by requirements.txt; tests/test_outbox.py proves it on a stalled link.)"""
-        impl = self._connection._impl
+        pika's blocking calls (a confirm, a declare) wait with no time limit, but they drive the
+        connection's I/O loop while they wait, and its timers with it. This timer ends the wait
+        the way pika's own blocked_connection_timeout and heartbeat checker do (`_terminate_stream`).
+        Private pika API, pinned in requirements.txt; tests/test_outbox.py proves it on a stalled link."""
+        connection = self._connection
+        impl = connection._impl
         timer = impl._adapter_call_later(
-            self._publish_deadline, lambda: impl._terminate_stream(_DeadlinePassed("publish deadline passed")))
+            self._publish_deadline, lambda: impl._terminate_stream(_DeadlinePassed("deadline passed")))
         try:
-            channel.basic_publish(exchange, routing_key, body, properties, mandatory=mandatory)
+            yield
         finally:
-            if not self._connection.is_closed:
+            if not connection.is_closed:
                 impl._adapter_remove_timeout(timer)
 
     def consume(

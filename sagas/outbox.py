@@ -34,8 +34,9 @@ _WRITER_WINDOW = timedelta(seconds=RELAY_AFTER_SECONDS - messaging.PUBLISH_DEADL
 _thread = threading.local()
 
 
-def use_publisher(broker: messaging.Broker) -> None:
-    """Publish from this thread through its own broker connection (the consumer's), synchronously."""
+def use_publisher(broker: messaging.Broker | None) -> None:
+    """Publish from this thread through its own broker connection (the consumer's), synchronously
+    (None: hand this thread's rows to the background publisher again)."""
     _thread.broker = broker
 
 

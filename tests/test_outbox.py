@@ -94,6 +94,18 @@ def test_one_relay_round_sends_every_good_row_whatever_poison_rows_come_before(s
         assert (row.sent_at is None, row.attempts) == ((True, 1) if kind == "poison" else (False, 0))
 
 
+def test_a_writer_publishes_past_a_refused_row_and_leaves_rows_past_its_window_to_the_relay(saga, broker, fresh_queues):
+    poison, fresh, stale = command_row(saga, UNBOUND_KEY), command_row(saga), command_row(saga)
+    OutboxMessage.objects.filter(pk=stale.pk).update(created_at=timezone.now() - timedelta(seconds=outbox.RELAY_AFTER_SECONDS))
+    stale.refresh_from_db()
+    outbox.use_publisher(broker)
+    try:
+        outbox.publish([poison, fresh, stale])
+    finally:
+        outbox.use_publisher(None)
+    assert message_ids(broker.drain("stock.commands")) == [str(fresh.message_id)]
+
+
 def test_a_deleted_participant_queue_is_declared_again_and_the_row_goes_out(saga, broker, fresh_queues):
     broker.connect()  # the topology is declared now; then someone deletes a queue
     infra.delete_queue(settings.RABBITMQ["vhost"], "stock.commands")
