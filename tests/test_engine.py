@@ -6,9 +6,9 @@ from hypothesis import given, settings, strategies as st
 
 from sagas import engine
 from sagas.engine import ActionRefused, Command, Event, Limits, Reply
-from sagas.flow import ORDER_SAGA
+from sagas.flow import ORDER_SAGA, RetryPolicy
 
-LIMITS = Limits(step_timeout=10.0, step_max_attempts=3, compensation_max_attempts=4)
+LIMITS = Limits(step_timeout=10.0, step_max_attempts=3, compensation_max_attempts=4, backoff=2.0, max_wait=300.0)
 FACTS = {"user_id": "alice", "items": [{"product_id": "sku-1", "quantity": 2}], "currency": "EUR", "payment_method": "pm-1"}
 SUCCESS_DATA = {"stock.reduce": {"total": "19.98"}, "order.create": {"order_id": "o-1"}}
 
@@ -150,6 +150,171 @@ def test_retry_now_is_refused_when_nothing_is_awaited():
 def test_state_survives_a_round_trip_through_json():
     state = succeed(started()).state
     assert engine.state_from_dict(engine.state_to_dict(state)) == state
+
+
+def deadlines(decision, limits=LIMITS, sends=6):
+    """The wait after each send of the awaited command, while only deadlines pass."""
+    waits = []
+    for _ in range(sends):
+        awaited = decision.state.awaiting
+        if awaited is None:
+            break
+        waits.append(awaited.deadline - awaited.sent_at)
+        decision = engine.on_timeout(decision.state, limits=limits, now=awaited.deadline)
+    return waits, decision
+
+
+def test_each_resend_waits_backoff_times_longer_up_to_the_cap():
+    limits = Limits(step_timeout=10.0, step_max_attempts=4, compensation_max_attempts=6, backoff=2.0, max_wait=35.0)
+    waits, _ = deadlines(engine.start(saga_id="s-1", facts=FACTS, limits=limits, now=0.0), limits)
+    assert waits[:4] == [10.0, 20.0, 35.0, 35.0]  # stock.reduce, sends 1-4
+    assert waits[4:] == [10.0, 20.0]  # then stock.restore starts again from the step timeout
+
+
+def test_fractional_backoff_and_an_absurd_attempt_number_stay_capped():
+    limits = Limits(step_timeout=0.5, step_max_attempts=3, compensation_max_attempts=3, backoff=1.5, max_wait=2.0)
+    assert [engine.wait_after_send(limits, n) for n in (1, 2, 3, 4)] == [0.5, 0.75, 1.125, 1.6875]
+    assert engine.wait_after_send(limits, 10**6) == 2.0
+
+
+def test_a_participant_slow_for_minutes_does_not_use_up_the_attempts_in_seconds():
+    defaults = Limits(step_timeout=30.0, step_max_attempts=3, compensation_max_attempts=10, backoff=2.0, max_wait=300.0)
+    waits, decision = deadlines(engine.start(saga_id="s-1", facts=FACTS, limits=defaults, now=0.0), defaults, sends=3)
+    assert sum(waits) == 210.0  # 30 + 60 + 120 s of waiting for the stock service before giving up
+    assert decision.state.step("reduce_stock").status == engine.STEP_COMPENSATING
+    waits, decision = deadlines(decision, defaults, sends=10)
+    assert sum(waits) >= 30 * 60 and decision.state.status == engine.FAILED
+
+
+def test_a_step_of_the_flow_may_declare_its_own_retry_policy(monkeypatch):
+    patient = replace(ORDER_SAGA[0], retry=RetryPolicy(timeout=60.0, backoff=1.0, attempts=2, compensation_attempts=1))
+    monkeypatch.setattr(engine, "ORDER_SAGA", (patient, *ORDER_SAGA[1:]))
+    waits, decision = deadlines(started(), sends=3)
+    assert waits == [60.0, 60.0, 60.0]  # two stock.reduce sends, then one stock.restore
+    assert decision.state.status == engine.FAILED
+    assert sent(succeed(succeed(started()))) == [("order.create", 1)]
+    assert succeed(started()).state.awaiting.deadline == 1.0 + LIMITS.step_timeout  # the others keep the settings
+
+
+def gave_up_undoing():
+    """Payment declined; stock.restore went unanswered for all its sends: the saga is failed."""
+    decision = fail(succeed(started()), "payment_declined")
+    _, decision = deadlines(decision, sends=LIMITS.compensation_max_attempts)
+    assert decision.state.status == engine.FAILED
+    return decision
+
+
+def test_a_late_compensation_success_heals_a_failed_saga():
+    decision = gave_up_undoing()
+    assert decision.state.failure_reason == "stock.restore did not succeed: no success after 4 attempts"
+    healed = engine.on_reply(decision.state, Reply("stock.restore", 2, "success"), limits=LIMITS, now=500)
+    assert healed.state.status == engine.COMPENSATED
+    assert healed.state.failure_reason == "payment_declined"  # why it was undone, again
+    assert [m.routing_key for m in healed.messages] == ["saga.compensated"]
+    assert "after the saga failed" in healed.note
+    assert not engine.on_reply(healed.state, Reply("stock.restore", 3, "success"), limits=LIMITS, now=501).changed
+
+
+def test_a_late_compensation_success_on_a_failed_saga_carries_on_with_the_next_undo():
+    decision = fail(succeed(succeed(started())), "order_rejected")
+    _, decision = deadlines(decision, sends=LIMITS.compensation_max_attempts)
+    assert decision.state.status == engine.FAILED
+    healed = engine.on_reply(decision.state, Reply("payment.refund", 1, "success"), limits=LIMITS, now=500)
+    assert healed.state.status == engine.COMPENSATING and sent(healed) == [("stock.restore", 1)]
+    assert succeed(healed).state.status == engine.COMPENSATED
+
+
+def test_a_success_to_an_earlier_send_of_the_awaited_compensation_counts():
+    decision = fail(succeed(started()))
+    _, decision = deadlines(decision, sends=2)
+    assert (decision.state.awaiting.command, decision.state.awaiting.attempt) == ("stock.restore", 3)
+    counted = engine.on_reply(decision.state, Reply("stock.restore", 1, "success"), limits=LIMITS, now=99)
+    assert counted.state.status == engine.COMPENSATED and "earlier send" in counted.note
+
+
+def test_a_failure_to_an_earlier_send_changes_nothing():
+    decision = fail(succeed(started()))
+    _, decision = deadlines(decision, sends=1)
+    assert not engine.on_reply(decision.state, Reply("stock.restore", 1, "failure", "x"), limits=LIMITS, now=99).changed
+
+
+def test_a_participant_undoing_a_step_marked_by_hand_is_flagged_undone_twice():
+    decision = gave_up_undoing()
+    (outstanding,) = engine.outstanding_compensations(decision.state)
+    assert (outstanding.step, outstanding.command, outstanding.sends) == ("reduce_stock", "stock.restore", 4)
+    assert outstanding.last_sent_at == decision.state.step("reduce_stock").compensation_sent_at > 1
+    marked = engine.mark_compensated(decision.state, step_name="reduce_stock", limits=LIMITS, now=600)
+    assert marked.state.status == engine.COMPENSATED and marked.state.step("reduce_stock").marked_by_hand
+    assert engine.outstanding_compensations(marked.state) == []
+    twice = engine.on_reply(marked.state, Reply("stock.restore", 3, "success"), limits=LIMITS, now=700)
+    assert twice.note == "undone twice: check with stock"
+    (event,) = twice.messages
+    assert event.routing_key == "saga.undone_twice"
+    assert event.body == {**engine.terminal_event(marked.state).body, "step": "reduce_stock", "command": "stock.restore"}
+    assert twice.state.status == engine.COMPENSATED
+    assert not engine.on_reply(twice.state, Reply("stock.restore", 4, "success"), limits=LIMITS, now=701).changed
+
+
+def test_a_step_marked_by_hand_before_any_undo_was_sent_is_not_flagged():
+    decision = fail(succeed(succeed(started())))  # payment.refund 1 in flight, stock.restore never sent
+    marked = engine.mark_compensated(decision.state, step_name="reduce_stock", limits=LIMITS, now=5)
+    assert not engine.on_reply(marked.state, Reply("stock.restore", 1, "success"), limits=LIMITS, now=6).changed
+
+
+def test_retry_now_with_the_attempts_spent_grants_one_more_and_never_gives_up():
+    decision = succeed(started())
+    _, decision = deadlines(decision, sends=LIMITS.step_max_attempts - 1)
+    assert decision.state.awaiting.attempt == LIMITS.step_max_attempts
+    retried = engine.retry_now(decision.state, limits=LIMITS, now=decision.state.awaiting.deadline + 1)
+    assert sent(retried) == [("payment.take", 4)] and retried.state.status == engine.RUNNING
+    assert "granted by staff" in retried.note and retried.state.step("take_payment").granted_attempts == 1
+    gave_up = engine.on_timeout(retried.state, limits=LIMITS, now=retried.state.awaiting.deadline)
+    assert sent(gave_up) == [("payment.refund", 1)]  # the deadline may still give up, after the granted send
+
+
+def test_retry_now_with_attempts_left_is_a_plain_resend():
+    retried = engine.retry_now(started().state, limits=LIMITS, now=3)
+    assert sent(retried) == [("stock.reduce", 2)] and retried.state.step("reduce_stock").granted_attempts == 0
+    assert retried.state.awaiting.deadline == 3 + LIMITS.step_timeout * LIMITS.backoff
+
+
+def test_retry_now_of_a_compensation_whose_attempts_are_spent_grants_one_more():
+    decision = fail(succeed(started()))
+    _, decision = deadlines(decision, sends=LIMITS.compensation_max_attempts - 1)
+    decision = fail(decision, "warehouse_closed")
+    assert decision.state.status == engine.FAILED
+    assert engine.refusal(decision.state, engine.StaffAction.RETRY) is not None  # failed: resume instead
+    decision = fail(succeed(started()))
+    _, decision = deadlines(decision, sends=LIMITS.compensation_max_attempts - 1)
+    retried = engine.retry_now(decision.state, limits=LIMITS, now=1000)
+    assert sent(retried) == [("stock.restore", LIMITS.compensation_max_attempts + 1)]
+    assert retried.state.status == engine.COMPENSATING
+
+
+def test_the_engine_states_which_staff_actions_a_state_allows():
+    allowed = {action for action, why in engine.refusals(started().state).items() if why is None}
+    assert allowed == {engine.StaffAction.COMPENSATE, engine.StaffAction.RETRY}
+    failed = engine.refusals(gave_up_undoing().state)
+    assert failed[engine.StaffAction.RETRY] == "This saga is failed: no command is awaited, so there is nothing to retry."
+    assert failed[engine.StaffAction.RESUME] is None and failed[engine.StaffAction.MARK_COMPENSATED] is None
+    completed = engine.refusals(succeed(succeed(succeed(started()))).state)
+    assert completed[engine.StaffAction.COMPENSATE] is None
+    assert "only while a saga is compensating or failed" in completed[engine.StaffAction.MARK_COMPENSATED]
+    assert engine.refusal(gave_up_undoing().state, engine.StaffAction.MARK_COMPENSATED,
+                          step_name="take_payment") == "Step take_payment is failed: nothing of it is owed."
+
+
+def test_a_state_stored_before_these_fields_existed_still_loads():
+    state = fail(succeed(started())).state
+    stored = engine.state_to_dict(state)
+    del stored["failure_before_give_up"]
+    for step in stored["steps"]:
+        for new_field in ("granted_attempts", "compensation_sent_at", "marked_by_hand", "undone_twice"):
+            del step[new_field]
+    loaded = engine.state_from_dict(stored)
+    assert loaded == replace(state, steps=tuple(replace(s, compensation_sent_at=None) for s in state.steps))
+    assert [m.routing_key for m in engine.on_reply(loaded, Reply("stock.restore", 1, "success"), limits=LIMITS,
+                                                   now=2).messages] == ["saga.compensated"]
 
 
 # Property: whatever replies, duplicates, stale replies and timeouts arrive, in any order, the
