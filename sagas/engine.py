@@ -450,10 +450,14 @@ def mark_compensated(state: SagaState, *, step_name: str, limits: Limits, now: f
     _refuse_unless_allowed(state, StaffAction.MARK_COMPENSATED, step_name=step_name)
     if state.current_step == step_name:
         state = replace(state, awaiting=None)
-    state = _with_step(_leave_failed(state), step_name, status=STEP_COMPENSATED, marked_by_hand=True)
+    state = _with_step(state, step_name, status=STEP_COMPENSATED, marked_by_hand=True)
     if state.awaiting is not None:
         return Decision(state=state)
-    return _compensate_next(state, limits, now)
+    stuck = [step.name for step in state.steps if step.status == STEP_COMPENSATING]
+    if state.status == FAILED and stuck:
+        # the undo that gave up is still owed: sending it again past its attempts is staff's call (resume)
+        return Decision(state=state, note=f"{stuck[0]} is still owed and its undo gave up: resume it, or mark it too")
+    return _compensate_next(_leave_failed(state), limits, now)
 
 
 def outstanding_compensations(state: SagaState) -> list[OutstandingCompensation]:

@@ -1,8 +1,10 @@
 """The saga's pure rules: no broker, no database, no Redis."""
+import re
 from dataclasses import replace
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import event as count_path, settings, strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from sagas import engine
 from sagas.engine import ActionRefused, Command, Event, Limits, Reply
@@ -317,63 +319,233 @@ def test_a_state_stored_before_these_fields_existed_still_loads():
                                                    now=2).messages] == ["saga.compensated"]
 
 
-# Property: whatever replies, duplicates, stale replies and timeouts arrive, in any order, the
-# saga ends terminal, and the compensations it sent mirror its succeeded steps in reverse.
+# The stateful property: any history of sends, participants acting on any send (earlier ones too,
+# more than once), replies delivered late, twice or never, deadlines passing at any moment, and
+# the four staff actions. The test keeps its own model of what each participant did and judges
+# the engine against it, not against the engine's own view.
 
-event_kinds = st.sampled_from(["success", "failure", "timeout", "duplicate", "stale"])
+MACHINE_LIMITS = Limits(step_timeout=10.0, step_max_attempts=3, compensation_max_attempts=3, backoff=2.0, max_wait=45.0)
+FORWARD = {step.command: step.name for step in ORDER_SAGA}
+UNDO = {step.compensation: step.name for step in ORDER_SAGA}
+STEP_NAMES = [step.name for step in ORDER_SAGA]
 
 
-@settings(max_examples=400, deadline=None)
-@given(st.lists(event_kinds, max_size=40))
-def test_any_sequence_of_events_ends_terminal_with_mirrored_compensations(kinds):
-    decision, now, history, seen = started(), 0.0, [], []
-    history += decision.messages
-    for kind in kinds:
-        state = decision.state
-        if state.status in engine.TERMINAL:
-            break
-        now += 1
-        awaited = state.awaiting
-        if kind == "timeout" or awaited is None:
-            next_decision = engine.on_timeout(state, limits=LIMITS, now=awaited.deadline if awaited else now)
-        elif kind in ("success", "failure"):
-            reply = Reply(awaited.command, awaited.attempt, kind, kind, SUCCESS_DATA.get(awaited.command, {}))
-            seen.append(reply)
-            next_decision = engine.on_reply(state, reply, limits=LIMITS, now=now)
-        elif kind == "duplicate" and seen:
-            next_decision = engine.on_reply(state, seen[-1], limits=LIMITS, now=now)
-            assert not next_decision.changed
+def expected_wait(attempt: int) -> float:
+    return min(MACHINE_LIMITS.step_timeout * MACHINE_LIMITS.backoff ** (attempt - 1), MACHINE_LIMITS.max_wait)
+
+
+class SagaHistory(RuleBasedStateMachine):
+    def __init__(self):
+        super().__init__()
+        self.now = 0.0
+        self.sent: list[tuple[Command, float]] = []
+        self.replies: list[Reply] = []  # replies the participants produced; any may be delivered, any number of times
+        self.terminal_events: list[str] = []
+        self.flagged: set[str] = set()  # steps the engine reported undone twice
+        # the participants, per step: its forward outcome once decided; whether its effect stands (and
+        # since which send); whether it carried out the undo (then a late forward is refused, as the
+        # demo participants' tombstones do)
+        self.outcome: dict[str, str] = {}
+        self.effect_since: dict[str, int] = {}
+        self.undone_by_participant: set[str] = set()
+        # staff
+        self.marked_at: dict[str, int] = {}
+        self.undo_reported_after_mark: set[str] = set()
+        self.limit = {**{c: MACHINE_LIMITS.step_max_attempts for c in FORWARD},
+                      **{c: MACHINE_LIMITS.compensation_max_attempts for c in UNDO}}
+        self.success_known_at: dict[str, int] = {}  # when a forward success first reached the engine
+        self.forward_failure_known: set[str] = set()  # a failure of the awaited forward send reached the engine
+        self.state = None
+        self.take(engine.start(saga_id="s-1", facts=FACTS, limits=MACHINE_LIMITS, now=0.0), "start")
+
+    # bookkeeping and per-decision checks
+
+    def sends_of(self, command: str) -> int:
+        return sum(1 for sent, _ in self.sent if sent.command == command)
+
+    def take(self, decision, origin: str, reply: Reply | None = None):
+        before = self.state.status if self.state else None
+        commands = [m for m in decision.messages if isinstance(m, Command)]
+        events = [m for m in decision.messages if isinstance(m, Event)]
+        if before in (engine.COMPLETED, engine.COMPENSATED) and origin not in ("staff compensate",):
+            # a finished saga only sends the documented late handling
+            late_undo = reply is not None and reply.command in FORWARD and reply.status == "success"
+            assert all(late_undo and c.command in UNDO for c in commands), (origin, commands)
+            assert all(e.routing_key == engine.UNDONE_TWICE for e in events), (origin, events)
+        if before == engine.FAILED and origin in ("deadline",):
+            assert decision.messages == ()
+        for command in commands:
+            assert command.attempt == self.sends_of(command.command) + 1  # sends are numbered without gaps
+            if command.command in UNDO:
+                step = UNDO[command.command]
+                # only a step that may have an effect is undone: its forward was sent, not known to have failed
+                assert self.sends_of(ORDER_SAGA[STEP_NAMES.index(step)].command) > 0
+                assert step not in self.forward_failure_known
+                if reply is not None and reply.command in FORWARD and reply.status == "success" \
+                        and self.state.step(step).status == engine.STEP_COMPENSATED:
+                    self.limit[command.command] += 1  # the late-success undo is one send more
+            else:
+                assert not any(sent.command in UNDO for sent, _ in self.sent), "forward after undoing began"
+            self.sent.append((command, self.now))
+            assert command.attempt <= self.limit[command.command], (command, self.limit)
+        for event in events:
+            if event.routing_key == engine.UNDONE_TWICE:
+                assert event.body["step"] not in self.flagged  # once
+                self.flagged.add(event.body["step"])
+                assert event.body["command"] == ORDER_SAGA[STEP_NAMES.index(event.body["step"])].compensation
+            else:
+                assert event.routing_key == f"saga.{decision.state.status}"
+                assert not self.terminal_events or self.terminal_events[-1] in ("saga.failed", "saga.completed")
+                self.terminal_events.append(event.routing_key)
+        for kind in ("after the saga failed", "earlier send", "undone twice", "granted by staff", "late success after"):
+            if kind in decision.note:
+                count_path(kind)  # shown by --hypothesis-show-statistics: the histories reach these paths
+        self.state = decision.state
+
+    # participants, replies and time
+
+    @rule(pick=st.integers(min_value=0), refuses=st.booleans(), deliver=st.booleans())
+    def participant_acts(self, pick, refuses, deliver):
+        command, _ = self.sent[pick % len(self.sent)]
+        if command.command in FORWARD:
+            step = FORWARD[command.command]
+            if step not in self.outcome:  # a repeated request gets the first outcome
+                self.outcome[step] = "failure" if refuses or step in self.undone_by_participant else "success"
+                if self.outcome[step] == "success":
+                    self.effect_since[step] = len(self.sent)
+            reply = Reply(command.command, command.attempt, self.outcome[step], None if self.outcome[step] == "success" else "no",
+                          SUCCESS_DATA.get(command.command, {}))
         else:
-            stale = Reply(awaited.command, awaited.attempt + 5, "success", data=SUCCESS_DATA.get(awaited.command, {}))
-            next_decision = engine.on_reply(state, stale, limits=LIMITS, now=now)
-            assert not next_decision.changed
-        decision = next_decision
-        history += decision.messages
-    for _ in range(100):  # drain: only deadlines pass from here on
-        if decision.state.status in engine.TERMINAL:
-            break
-        decision = engine.on_timeout(decision.state, limits=LIMITS, now=decision.state.awaiting.deadline)
-        history += decision.messages
-    state = decision.state
-    assert state.status in engine.TERMINAL
+            step = UNDO[command.command]
+            if refuses and step not in self.undone_by_participant:
+                reply = Reply(command.command, command.attempt, "failure", "busy")
+            else:
+                self.undone_by_participant.add(step)
+                self.effect_since.pop(step, None)
+                reply = Reply(command.command, command.attempt, "success")
+        self.replies.append(reply)
+        if deliver:
+            self.deliver(reply)
 
-    commands = [m for m in history if isinstance(m, Command)]
-    forward = {step.command for step in ORDER_SAGA}
-    first_compensations = list(dict.fromkeys(c.command for c in commands if c.command not in forward))
-    undone_steps = [s for s in reversed(ORDER_SAGA) if state.step(s.name).status in (engine.STEP_COMPENSATED, *engine.OWED)]
-    expected = [s.compensation for s in undone_steps]
-    if state.status == engine.COMPLETED:
-        assert first_compensations == []
-        assert all(step.status == engine.SUCCEEDED for step in state.steps)
-    elif state.status == engine.COMPENSATED:
-        assert first_compensations == expected
-        assert all(step.status in (engine.STEP_COMPENSATED, engine.STEP_FAILED, engine.PENDING) for step in state.steps)
-    else:
-        assert first_compensations == expected[: len(first_compensations)]
-    # nothing goes forward once compensation began, and no command exceeds its attempts
-    first_undo = next((i for i, c in enumerate(commands) if c.command not in forward), len(commands))
-    assert all(c.command not in forward for c in commands[first_undo:])
-    assert all(c.attempt <= (LIMITS.step_max_attempts if c.command in forward else LIMITS.compensation_max_attempts)
-               for c in commands)
-    events = [m for m in history if isinstance(m, Event)]
-    assert [e.routing_key for e in events] == [f"saga.{state.status}"]
+    @precondition(lambda self: self.replies)
+    @rule(pick=st.integers(min_value=0))
+    def reply_arrives(self, pick):  # late, out of order, or again
+        self.deliver(self.replies[pick % len(self.replies)])
+
+    def deliver(self, reply: Reply):
+        awaited = self.state.awaiting
+        if reply.command in UNDO and reply.status == "success" and UNDO[reply.command] in self.marked_at:
+            self.undo_reported_after_mark.add(UNDO[reply.command])
+        if reply.command in FORWARD and reply.status == "failure" and awaited \
+                and (awaited.command, awaited.attempt) == (reply.command, reply.attempt):
+            self.forward_failure_known.add(FORWARD[reply.command])
+        if reply.command in FORWARD and reply.status == "success":
+            self.success_known_at.setdefault(FORWARD[reply.command], len(self.sent))
+        self.take(engine.on_reply(self.state, reply, limits=MACHINE_LIMITS, now=self.now), "reply", reply)
+
+    @rule(seconds=st.floats(min_value=0, max_value=120, allow_nan=False))
+    def time_passes(self, seconds):
+        self.now += seconds
+        self.take(engine.on_timeout(self.state, limits=MACHINE_LIMITS, now=self.now), "deadline")
+
+    @precondition(lambda self: self.state.awaiting is not None)
+    @rule()
+    def the_deadline_passes(self):
+        self.now = max(self.now, self.state.awaiting.deadline)
+        self.take(engine.on_timeout(self.state, limits=MACHINE_LIMITS, now=self.now), "deadline")
+
+    # staff
+
+    def staff(self, action, act, origin, **details):
+        refused = engine.refusal(self.state, action, **details)
+        if refused:
+            with pytest.raises(ActionRefused, match=re.escape(refused)):
+                act()
+            return None
+        decision = act()
+        self.take(decision, origin)
+        return decision
+
+    def grant_resume(self):
+        if self.state.status == engine.FAILED:  # resuming grants a fresh set of sends to the stuck undo
+            stuck = next(s for s in reversed(self.state.steps) if s.status in engine.OWED)
+            command = ORDER_SAGA[STEP_NAMES.index(stuck.name)].compensation
+            self.limit[command] = self.sends_of(command) + MACHINE_LIMITS.compensation_max_attempts
+
+    @rule()
+    def staff_compensate(self):
+        if engine.refusal(self.state, engine.StaffAction.COMPENSATE) is None:
+            self.grant_resume()
+        self.staff(engine.StaffAction.COMPENSATE, lambda: engine.compensate(
+            self.state, reason="customer called", limits=MACHINE_LIMITS, now=self.now), "staff compensate")
+
+    @rule()
+    def staff_retry_now(self):
+        awaited = self.state.awaiting
+        if awaited is not None and self.sends_of(awaited.command) >= self.limit[awaited.command]:
+            self.limit[awaited.command] += 1  # staff grant one more send
+        decision = self.staff(engine.StaffAction.RETRY, lambda: engine.retry_now(
+            self.state, limits=MACHINE_LIMITS, now=self.now), "staff retry")
+        if decision is not None:  # it resends the awaited command and never gives up
+            assert [(m.command, m.attempt) for m in decision.messages] == [(awaited.command, self.sends_of(awaited.command))]
+            assert decision.state.status == self.state.status
+
+    @rule()
+    def staff_resume(self):
+        if engine.refusal(self.state, engine.StaffAction.RESUME) is None:
+            self.grant_resume()
+        self.staff(engine.StaffAction.RESUME, lambda: engine.resume_compensation(
+            self.state, limits=MACHINE_LIMITS, now=self.now), "staff resume")
+
+    @rule(step=st.sampled_from(STEP_NAMES))
+    def staff_mark_compensated(self, step):
+        if engine.refusal(self.state, engine.StaffAction.MARK_COMPENSATED, step_name=step) is None:
+            self.marked_at[step] = len(self.sent)
+        self.staff(engine.StaffAction.MARK_COMPENSATED, lambda: engine.mark_compensated(
+            self.state, step_name=step, limits=MACHINE_LIMITS, now=self.now), "staff mark", step_name=step)
+
+    # what must hold after every step of every history
+
+    @invariant()
+    def every_deadline_follows_the_backoff_formula(self):
+        awaited = self.state.awaiting
+        if awaited is not None:
+            last, sent_at = next((c, t) for c, t in reversed(self.sent) if c.command == awaited.command)
+            assert (awaited.attempt, awaited.sent_at) == (last.attempt, sent_at)
+            assert awaited.deadline == sent_at + expected_wait(awaited.attempt)
+
+    @invariant()
+    def a_completed_saga_did_everything_and_undid_nothing(self):
+        if self.state.status == engine.COMPLETED:
+            assert set(self.effect_since) == set(STEP_NAMES)
+            assert not self.undone_by_participant and not self.marked_at
+            assert not any(c.command in UNDO for c, _ in self.sent)
+
+    @invariant()
+    def a_compensated_saga_left_no_effect_standing(self):
+        if self.state.status == engine.COMPENSATED:
+            for step in self.effect_since:
+                # an effect the engine heard of is undone after it heard (or marked by hand after); one
+                # it never heard of was undone in case (the participant meets that undo after the forward)
+                undo = ORDER_SAGA[STEP_NAMES.index(step)].compensation
+                since = self.success_known_at.get(step, 0)
+                marked_after = self.marked_at.get(step, -1) >= since
+                undo_on_its_way = any(c.command == undo for c, _ in self.sent[since:])
+                assert marked_after or undo_on_its_way, (step, self.success_known_at, self.marked_at)
+
+    @invariant()
+    def an_undo_after_a_hand_mark_is_flagged_and_nothing_else_is(self):
+        assert self.flagged == self.undo_reported_after_mark
+
+    def teardown(self):
+        # from here on only deadlines pass: every saga ends, within its (granted) sends
+        for _ in range(200):
+            if self.state.awaiting is None:
+                break
+            self.the_deadline_passes()
+        assert self.state.awaiting is None
+        assert self.state.status in engine.TERMINAL or self.state.status == engine.COMPENSATING
+
+
+SagaHistory.TestCase.settings = settings(max_examples=300, stateful_step_count=40, deadline=None)
+TestAnyHistoryOfRepliesDeadlinesAndStaffActions = SagaHistory.TestCase
