@@ -46,3 +46,15 @@ def test_fractional_timeouts_and_the_auth_alias_are_accepted():
 def test_production_settings_pass_the_deploy_checks():
     result = start("--deploy", "--fail-level", "WARNING", DJANGO_SECRET_KEY="a-long-random-production-secret-" + "k3y" * 20)
     assert result.returncode == 0, result.stderr + result.stdout
+
+
+@pytest.mark.parametrize(("name", "value"), [("SAGA_RETRY_BACKOFF", "0.5"), ("SAGA_RETRY_BACKOFF", "nan"),
+                                             ("SAGA_RETRY_BACKOFF", "twice"), ("SAGA_RETRY_MAX_SECONDS", "0")])
+def test_retry_backoff_and_cap_are_validated(name, value):
+    result = start(DJANGO_DEBUG="1", **{name: value})
+    assert result.returncode != 0 and name in result.stderr and "Traceback" not in result.stderr
+
+
+def test_fractional_retry_backoff_and_cap_are_accepted():
+    result = start(DJANGO_DEBUG="1", SAGA_RETRY_BACKOFF="1.5", SAGA_RETRY_MAX_SECONDS="90.5")
+    assert result.returncode == 0, result.stderr
