@@ -94,3 +94,16 @@ def env_bool(name: str, default: bool = False) -> bool:
 
 def env_list(name: str, default: str) -> list[str]:
     return [item.strip() for item in (env_str(name, default=default) or "").split(",") if item.strip()]
+
+
+def env_float(name: str, default: float, *, minimum: float, maximum: float) -> float:
+    name, value = _named(name)
+    if value is None:
+        return default
+    try:
+        number = float(value)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number, got {value!r}") from None
+    if not minimum <= number <= maximum:  # also refuses nan
+        raise ConfigError(f"{name} must be at least {minimum} and at most {maximum}, got {value!r}")
+    return number

@@ -17,7 +17,9 @@ from django.utils.timesince import timesince
 
 from sagas import admin_actions, selectors, services
 from sagas.admin_filters import AgeFilter, CustomerFilter, StepFilter, StuckFilter
+from sagas.engine import participant_of
 from sagas.failure_reasons import explain_failure
+from sagas.flow import ORDER_SAGA
 from sagas.models import Saga
 
 STATUS_FILTER = "status__exact"  # the parameter of the list filter on the status field
@@ -140,6 +142,7 @@ class SagaAdmin(admin.ModelAdmin):
                 compensating=obj.status in (Saga.Status.COMPENSATING, Saga.Status.COMPENSATED, Saga.Status.FAILED),
                 **_timeline_context(request, obj),
                 failure_sentence=explain_failure(obj.failure_reason),
+                undone_twice=_undone_twice(state),
                 same_order=selectors.sagas_with_order(obj),
                 customer_sagas=f"{reverse('admin:sagas_saga_changelist')}?"
                                f"{urlencode({CustomerFilter.parameter_name: obj.user_id})}",
@@ -172,6 +175,13 @@ def _timeline_context(request, saga: Saga) -> dict:
         "timeline_oldest": link(page.pages) if page.number < page.pages else None,
         "timeline_newest": link(1) if page.number > 1 else None,
     }
+
+
+def _undone_twice(state) -> list[dict]:
+    """Steps that staff marked undone by hand and that a participant undid as well."""
+    commands = {step.name: step.compensation for step in ORDER_SAGA}
+    return [{"name": step.name, "command": commands[step.name], "participant": participant_of(commands[step.name])}
+            for step in state.steps if step.undone_twice]
 
 
 def _since(moment) -> str:

@@ -115,3 +115,15 @@ def test_a_secret_file_holds_its_value_byte_for_byte_but_for_one_trailing_newlin
         patch.delenv("REDIS_PASSWORD", raising=False)
         patch.setenv("REDIS_PASSWORD_FILE", str(path))
         assert env_str("REDIS_PASSWORD") == value
+
+
+@pytest.mark.parametrize(("name", "value"), [("SAGA_RETRY_BACKOFF", "0.5"), ("SAGA_RETRY_BACKOFF", "nan"),
+                                             ("SAGA_RETRY_BACKOFF", "twice"), ("SAGA_RETRY_MAX_SECONDS", "0")])
+def test_retry_backoff_and_cap_are_validated(name, value):
+    result = start(DJANGO_DEBUG="1", **{name: value})
+    assert result.returncode != 0 and name in result.stderr and "Traceback" not in result.stderr
+
+
+def test_fractional_retry_backoff_and_cap_are_accepted():
+    result = start(DJANGO_DEBUG="1", SAGA_RETRY_BACKOFF="1.5", SAGA_RETRY_MAX_SECONDS="90.5")
+    assert result.returncode == 0, result.stderr
