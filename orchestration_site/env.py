@@ -2,6 +2,11 @@
 
 Every reader names the variable in its error, so a bad value stops the process at start
 with a message a person can act on.
+
+Any variable NAME may instead be given as NAME_FILE, the path of a file that holds the value
+(Docker and Kubernetes secrets), so secrets never sit in the environment or an image. The value
+is the file's content without one trailing newline (as `echo` writes it). Setting both NAME and
+NAME_FILE is an error, as in the official postgres image: neither silently wins.
 """
 import os
 
@@ -10,12 +15,37 @@ class ConfigError(Exception):
     pass
 
 
-def _raw(*names: str) -> str | None:
+def _from_file(name: str) -> str | None:
+    path = os.environ.get(f"{name}_FILE")
+    if path in (None, ""):
+        return None
+    if os.environ.get(name) not in (None, ""):
+        raise ConfigError(f"set {name} or {name}_FILE, not both")
+    try:
+        with open(path, encoding="utf-8", newline="") as secret:
+            value = secret.read()
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{name}_FILE: cannot read {path!r}: {error}") from None
+    value = value.removesuffix("\n")  # the one `echo` adds; the rest is the secret, byte for byte
+    if value == "":
+        raise ConfigError(f"{name}_FILE: {path!r} is empty")
+    return value
+
+
+def _named(*names: str) -> tuple[str, str | None]:
+    """(the variable that gave the value, the value) for the first of `names` that is set."""
     for name in names:
+        value = _from_file(name)
+        if value is not None:
+            return f"{name}_FILE", value
         value = os.environ.get(name)
         if value not in (None, ""):
-            return value
-    return None
+            return name, value
+    return names[0], None
+
+
+def _raw(*names: str) -> str | None:
+    return _named(*names)[1]
 
 
 def env_str(*names: str, default: str | None = None) -> str | None:
@@ -24,8 +54,7 @@ def env_str(*names: str, default: str | None = None) -> str | None:
 
 
 def env_int(*names: str, default: int, minimum: int = 0, maximum: int | None = None) -> int:
-    value = _raw(*names)
-    name = next((n for n in names if os.environ.get(n)), names[0])
+    name, value = _named(*names)
     if value is None:
         return default
     try:
@@ -39,7 +68,7 @@ def env_int(*names: str, default: int, minimum: int = 0, maximum: int | None = N
 
 
 def env_seconds(name: str, default: float) -> float:
-    value = _raw(name)
+    name, value = _named(name)
     if value is None:
         return default
     try:
@@ -52,7 +81,7 @@ def env_seconds(name: str, default: float) -> float:
 
 
 def env_bool(name: str, default: bool = False) -> bool:
-    value = _raw(name)
+    name, value = _named(name)
     if value is None:
         return default
     lowered = value.strip().lower()
@@ -67,12 +96,25 @@ def env_list(name: str, default: str) -> list[str]:
     return [item.strip() for item in (env_str(name, default=default) or "").split(",") if item.strip()]
 
 
+def env_float(name: str, default: float, *, minimum: float, maximum: float) -> float:
+    name, value = _named(name)
+    if value is None:
+        return default
+    try:
+        number = float(value)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number, got {value!r}") from None
+    if not minimum <= number <= maximum:  # also refuses nan
+        raise ConfigError(f"{name} must be at least {minimum} and at most {maximum}, got {value!r}")
+    return number
+
+
 RATE_PERIODS = ("s", "sec", "m", "min", "h", "hour", "d", "day")
 
 
 def env_rate(name: str) -> str | None:
     """A request rate as DRF throttles read it ('100/s', '20/min'); None when unset."""
-    value = _raw(name)
+    name, value = _named(name)
     if value is None:
         return None
     count, _, period = value.strip().partition("/")

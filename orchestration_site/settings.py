@@ -4,7 +4,7 @@ from pathlib import Path
 
 import dj_database_url
 
-from orchestration_site.env import ConfigError, env_bool, env_int, env_list, env_rate, env_seconds, env_str
+from orchestration_site.env import ConfigError, env_bool, env_float, env_int, env_list, env_rate, env_seconds, env_str
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -133,6 +133,9 @@ AUTH_TIMEOUT_SECONDS = 2.0
 SAGA_STEP_TIMEOUT_SECONDS = env_seconds("SAGA_STEP_TIMEOUT_SECONDS", 30.0)
 SAGA_STEP_MAX_ATTEMPTS = env_int("SAGA_STEP_MAX_ATTEMPTS", default=3, minimum=1, maximum=100)
 SAGA_COMPENSATION_MAX_ATTEMPTS = env_int("SAGA_COMPENSATION_MAX_ATTEMPTS", default=10, minimum=1, maximum=1000)
+# each resend waits SAGA_RETRY_BACKOFF times longer than the wait before it, at most SAGA_RETRY_MAX_SECONDS
+SAGA_RETRY_BACKOFF = env_float("SAGA_RETRY_BACKOFF", 2.0, minimum=1.0, maximum=100.0)
+SAGA_RETRY_MAX_SECONDS = env_seconds("SAGA_RETRY_MAX_SECONDS", 300.0)
 
 # The support console's door: the admin login is throttled (django-axes), passwords are checked,
 # sessions are short.

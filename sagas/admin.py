@@ -17,7 +17,9 @@ from django.utils.timesince import timesince
 
 from sagas import admin_actions, selectors, services
 from sagas.admin_filters import AgeFilter, CustomerFilter, StepFilter, StuckFilter
+from sagas.engine import participant_of
 from sagas.failure_reasons import explain_failure
+from sagas.flow import ORDER_SAGA
 from sagas.models import Saga
 
 STATUS_FILTER = "status__exact"  # the parameter of the list filter on the status field
@@ -138,8 +140,9 @@ class SagaAdmin(admin.ModelAdmin):
                 saga=obj,
                 diagram=selectors.step_diagram(state),
                 compensating=obj.status in (Saga.Status.COMPENSATING, Saga.Status.COMPENSATED, Saga.Status.FAILED),
-                timeline=selectors.saga_timeline(obj),
+                **_timeline_context(request, obj),
                 failure_sentence=explain_failure(obj.failure_reason),
+                undone_twice=_undone_twice(state),
                 same_order=selectors.sagas_with_order(obj),
                 customer_sagas=f"{reverse('admin:sagas_saga_changelist')}?"
                                f"{urlencode({CustomerFilter.parameter_name: obj.user_id})}",
@@ -147,6 +150,38 @@ class SagaAdmin(admin.ModelAdmin):
                                for action in admin_actions.permitted_actions(request.user)],
             )
         return super().render_change_form(request, context, add=add, change=change, form_url=form_url, obj=obj)
+
+
+TIMELINE_PAGE = "timeline_page"  # the saga page's query parameter; page 1 (the newest entries) by default
+
+
+def _timeline_context(request, saga: Saga) -> dict:
+    try:
+        wanted = int(request.GET.get(TIMELINE_PAGE, 1))
+    except ValueError:
+        wanted = 1
+    page = selectors.saga_timeline(saga, page=wanted)
+
+    def link(number: int) -> str:
+        query = request.GET.copy()
+        query[TIMELINE_PAGE] = number
+        return f"?{query.urlencode()}"
+
+    return {
+        "timeline": page.entries,
+        "timeline_page": page,
+        "timeline_newer": link(page.number - 1) if page.number > 1 else None,
+        "timeline_older": link(page.number + 1) if page.number < page.pages else None,
+        "timeline_oldest": link(page.pages) if page.number < page.pages else None,
+        "timeline_newest": link(1) if page.number > 1 else None,
+    }
+
+
+def _undone_twice(state) -> list[dict]:
+    """Steps that staff marked undone by hand and that a participant undid as well."""
+    commands = {step.name: step.compensation for step in ORDER_SAGA}
+    return [{"name": step.name, "command": commands[step.name], "participant": participant_of(commands[step.name])}
+            for step in state.steps if step.undone_twice]
 
 
 def _since(moment) -> str:

@@ -8,9 +8,9 @@ and what was sent. A state that does not allow the action comes back as the engi
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime, timezone as dt_timezone
 
 from django import forms
 from django.contrib import messages
@@ -20,7 +20,7 @@ from django.template.response import TemplateResponse
 from django.urls import reverse
 
 from sagas import engine, services
-from sagas.engine import ActionRefused, Decision, Limits, SagaState
+from sagas.engine import ActionRefused, Decision, SagaState
 
 
 class ReasonForm(forms.Form):
@@ -65,26 +65,13 @@ class MarkStepForm(ReasonForm):
         return {**super().service_arguments(), "step_name": self.cleaned_data["step_name"]}
 
 
-def _mark_some_step(state: SagaState, *, limits: Limits, now: float) -> Decision:
-    """Marking by hand is possible if it is possible for one of the steps."""
-    refusal = None
-    for step in state.steps:
-        try:
-            return engine.mark_compensated(state, step_name=step.name, limits=limits, now=now)
-        except ActionRefused as refused:
-            refusal = refused
-    raise refusal
-
-
 @dataclass(frozen=True)
 class StaffAction:
-    slug: str
+    slug: engine.StaffAction
     label: str
     permission: str  # a codename from Saga.Meta.permissions
     form: type[ReasonForm]
     service: Callable[..., Decision]
-    # the engine's pure rule behind the service: tried without saving to learn whether the state allows it
-    rule: Callable[..., Decision]
     explanation: str
 
     @property
@@ -93,27 +80,24 @@ class StaffAction:
 
     def refusal(self, state: SagaState) -> str | None:
         """The engine's sentence if the saga's state does not allow this action now, else None."""
-        try:
-            self.rule(state, limits=services.saga_limits(), now=time.time())
-        except ActionRefused as refused:
-            return str(refused)
-        return None
+        return engine.refusal(state, self.slug)
 
 
 ACTIONS = (
-    StaffAction("compensate", "Compensate", "compensate_saga", CompensateForm, services.compensate_saga,
-                lambda state, **kwargs: engine.compensate(state, reason="", **kwargs),
+    StaffAction(engine.StaffAction.COMPENSATE, "Compensate", "compensate_saga", CompensateForm, services.compensate_saga,
                 "Undo every step that took effect, latest first. Works on running, completed and failed sagas; "
                 "a command still in flight is undone too, in case it took effect."),
-    StaffAction("retry", "Retry now", "retry_saga", ReasonForm, services.retry_saga_step, engine.retry_now,
-                "Send the command the saga is waiting for again now, instead of at its deadline."),
-    StaffAction("resume", "Resume compensation", "resume_saga", ReasonForm, services.resume_saga_compensation,
-                engine.resume_compensation,
+    StaffAction(engine.StaffAction.RETRY, "Retry now", "retry_saga", ReasonForm, services.retry_saga_step,
+                "Send the command the saga is waiting for again now, instead of at its deadline. If its attempts "
+                "are used up, this grants one more; it never gives up on the step or undoes the saga."),
+    StaffAction(engine.StaffAction.RESUME, "Resume compensation", "resume_saga", ReasonForm,
+                services.resume_saga_compensation,
                 "Start undoing again a failed saga whose compensation gave up, with a fresh set of attempts."),
-    StaffAction("mark-compensated", "Mark a step compensated", "mark_step_compensated", MarkStepForm,
-                services.mark_step_compensated, _mark_some_step,
+    StaffAction(engine.StaffAction.MARK_COMPENSATED, "Mark a step compensated", "mark_step_compensated", MarkStepForm,
+                services.mark_step_compensated,
                 "Record that a step was undone by hand (e.g. a refund made in the payment provider). "
-                "The saga then undoes what is left, or ends compensated when nothing else is owed."),
+                "The saga then undoes what is left, or ends compensated when nothing else is owed. If a "
+                "compensation already sent for the step succeeds later, the saga flags it as undone twice."),
 )
 
 
@@ -171,6 +155,10 @@ def run_action(model_admin, request, object_id: str, action: StaffAction):
         "state": state,
         "action": action,
         "form": form,
+        "outstanding": [
+            (item, datetime.fromtimestamp(item.last_sent_at, tz=dt_timezone.utc) if item.last_sent_at else None)
+            for item in engine.outstanding_compensations(state)
+        ] if isinstance(form, MarkStepForm) else None,
         "plan": [(command, describe_payload(command.payload), json.dumps(command.payload, sort_keys=True))
                  for command in engine.compensation_plan(state)]
         if isinstance(form, CompensateForm) else None,

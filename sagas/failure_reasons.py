@@ -32,11 +32,12 @@ def explain_failure(reason: str | None) -> str | None:
     if gave_up:
         undoing = COMPENSATION_WORDS.get(command, command)
         return (f"Undoing the order got stuck at {undoing}: it did not succeed ({why}). Staff must act: "
-                f"resume the compensation, or mark the step compensated once it was undone by hand.")
+                f"resume the compensation, or mark the step compensated once it was undone by hand. "
+                f"If the service still answers with a success, the undoing carries on by itself.")
     for step in ORDER_SAGA:
         if reason == timed_out_reason(step.name):
-            return (f"The service for {STEP_WORDS[step.name]} never answered, so we gave up on it and undid "
-                    f"everything in case it had happened anyway.")
+            return (f"The service for {STEP_WORDS[step.name]} never answered, though we asked again with longer "
+                    f"and longer waits, so we gave up on it and undid everything in case it had happened anyway.")
         if reason == failed_reason(step.name):
             return f"{STEP_WORDS[step.name].capitalize()} failed without a reason given."
     return f"The order failed with the reason “{reason}”."

@@ -4,7 +4,19 @@ command that undoes it, what each command carries, and what each success reply t
 A payload is a selection of the saga's facts (user_id, items, currency, payment_method, and
 `amount` / `order_id` once the participants have told us). A new saga type is a new tuple.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """A step's own waits and attempts; None takes the setting (SAGA_STEP_TIMEOUT_SECONDS,
+    SAGA_RETRY_BACKOFF, SAGA_RETRY_MAX_SECONDS, SAGA_STEP_MAX_ATTEMPTS, SAGA_COMPENSATION_MAX_ATTEMPTS)."""
+
+    timeout: float | None = None
+    backoff: float | None = None
+    max_wait: float | None = None
+    attempts: int | None = None
+    compensation_attempts: int | None = None
 
 
 @dataclass(frozen=True)
@@ -16,6 +28,7 @@ class StepDefinition:
     compensation_payload: tuple[str, ...]
     # reply `data` field -> saga fact; each is required in a success reply
     learns: tuple[tuple[str, str], ...] = ()
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
 
 
 ORDER_SAGA: tuple[StepDefinition, ...] = (

@@ -1,17 +1,18 @@
 """The one module that talks to RabbitMQ (pika). Nothing else imports pika.
 
-It knows the contract's topology, publishes persistent JSON messages with publisher confirms,
-and runs a consume loop with manual acks, a prefetch, and reconnection with backoff.
+It knows the contract's topology, publishes persistent JSON messages with publisher confirms
+within a deadline (declaring the topology again when a message finds no queue), and runs a
+consume loop with manual acks, a prefetch, and reconnection with backoff.
 Connections are not shared between threads: one `Broker` per thread, opened after fork.
 """
 from __future__ import annotations
 
 import json
 import logging
-import queue
 import time
 import uuid
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import pika
@@ -24,6 +25,11 @@ COMMANDS_EXCHANGE = "saga.commands"
 EVENTS_EXCHANGE = "saga.events"
 REPLIES_QUEUE = "saga.replies"
 DEAD_LETTER_QUEUE = "saga.replies.dead"
+# Dead letters wait for a person; at most this many are kept, the oldest dropped first, so a
+# flood of bad messages cannot fill the broker's disk. (reject-publish instead would refuse the
+# consumer's set-aside publish and stop it on the first bad message over the limit.)
+DEAD_LETTER_LIMIT = 100_000
+DEAD_LETTER_POLICY = "saga-dead-letter-limit"
 PARTICIPANT_QUEUES = {
     "stock.commands": "stock.*",
     "payment.commands": "payment.*",
@@ -36,10 +42,30 @@ class BrokerUnavailable(Exception):
 
 
 class Unroutable(BrokerUnavailable):
-    """No queue took the message (e.g. a reply_to queue that is gone); sending it again will not help."""
+    """No queue took the message (e.g. a reply_to queue that is gone), even after the topology was
+    declared again; sending it again at once will not help."""
+
+
+class Refused(BrokerUnavailable):
+    """The broker nacked the message (it could not take it); the connection is fine."""
+
+
+class PublishTimeout(BrokerUnavailable):
+    """No confirm within the publish deadline: the connection was dropped. The message may still
+    have reached the broker (at-least-once: it will be sent again)."""
+
+
+# pika's BlockingConnection waits for a publisher confirm with no time limit; past this many
+# seconds a publish (or the set-up of a new connection's channel) gives up, dropping the
+# connection, and leaves its outbox row to the relay.
+PUBLISH_DEADLINE_SECONDS = 1.5
 
 
 CONNECTION_ERRORS = (pika.exceptions.AMQPError, OSError)
+
+
+class _DeadlinePassed(pika.exceptions.AMQPConnectionError):
+    pass
 
 
 @dataclass(frozen=True)
@@ -89,7 +115,38 @@ def declare_topology(channel) -> None:
         channel.queue_declare(queue_name, durable=True)
         channel.queue_bind(queue_name, COMMANDS_EXCHANGE, routing_key=binding)
     channel.queue_declare(REPLIES_QUEUE, durable=True)
-    channel.queue_declare(DEAD_LETTER_QUEUE, durable=True)
+    _declare_dead_letter_queue(channel.connection)
+
+
+def dead_letter_policy_command(vhost: str) -> str:
+    """The rabbitmqctl command that gives a dead-letter queue declared without a limit its limit."""
+    definition = json.dumps({"max-length": DEAD_LETTER_LIMIT, "overflow": "drop-head"}, separators=(",", ":"))
+    pattern = "^" + DEAD_LETTER_QUEUE.replace(".", "\\.") + "$"
+    return f"rabbitmqctl set_policy -p {vhost} --apply-to queues {DEAD_LETTER_POLICY} '{pattern}' '{definition}'"
+
+
+_warned_unlimited = False
+
+
+def _declare_dead_letter_queue(connection) -> None:
+    """Declare the dead-letter queue with its length limit, on a channel of its own: a queue
+    declared before the limit existed refuses the new arguments (PRECONDITION_FAILED closes
+    the channel), and then it is kept as it is and a policy gives it the limit."""
+    global _warned_unlimited
+    channel = connection.channel()
+    try:
+        channel.queue_declare(DEAD_LETTER_QUEUE, durable=True,
+                              arguments={"x-max-length": DEAD_LETTER_LIMIT, "x-overflow": "drop-head"})
+    except pika.exceptions.ChannelClosedByBroker as error:
+        if error.reply_code != 406:
+            raise
+        channel = connection.channel()
+        channel.queue_declare(DEAD_LETTER_QUEUE, passive=True)
+        if not _warned_unlimited:
+            _warned_unlimited = True
+            log.warning("dead-letter queue was declared without its length limit; apply it as a policy: %s",
+                        dead_letter_policy_command(settings.RABBITMQ["vhost"]), extra={"queue": DEAD_LETTER_QUEUE})
+    channel.close()
 
 
 def encode(body: dict) -> bytes:
@@ -99,8 +156,9 @@ def encode(body: dict) -> bytes:
 class Broker:
     """One connection with a confirming publish channel; optionally a consumer on the same connection."""
 
-    def __init__(self, *, heartbeat: int = 30):
+    def __init__(self, *, heartbeat: int = 30, publish_deadline: float = PUBLISH_DEADLINE_SECONDS):
         self._heartbeat = heartbeat
+        self._publish_deadline = publish_deadline
         self._connection = None
         self._channel = None
 
@@ -114,13 +172,29 @@ class Broker:
             self.close()
             try:
                 self._connection = pika.BlockingConnection(connection_parameters(heartbeat=self._heartbeat))
-                self._channel = self._connection.channel()
-                self._channel.confirm_delivery()
-                declare_topology(self._channel)
+                with self._deadline():  # the handshake had its own (stack_timeout); the set-up gets this one
+                    self._channel = self._connection.channel()
+                    self._channel.confirm_delivery()
+                    declare_topology(self._channel)
             except CONNECTION_ERRORS as error:
                 self.close()
                 raise BrokerUnavailable(f"cannot connect to RabbitMQ: {error!r}") from error
         return self._channel
+
+    def connect(self) -> None:
+        """Open the connection (declaring the topology) unless it is open; raises BrokerUnavailable."""
+        self._ensure()
+
+    def keep_alive(self) -> None:
+        """Let an idle connection exchange heartbeats, so a dead peer is noticed (and dropped) now
+        rather than by the next publish. BlockingConnection does I/O only inside its calls."""
+        if self._connection is None:
+            return
+        try:
+            self._connection.process_data_events(time_limit=0)
+        except CONNECTION_ERRORS as error:
+            log.warning("RabbitMQ connection lost while idle: %r", error)
+            self.close()
 
     def publish(
         self,
@@ -149,14 +223,43 @@ class Broker:
         )
         channel = self._ensure()
         try:
-            channel.basic_publish(exchange, routing_key, body, properties, mandatory=mandatory)
+            try:
+                with self._deadline():
+                    channel.basic_publish(exchange, routing_key, body, properties, mandatory=mandatory)
+            except pika.exceptions.UnroutableError:
+                # someone deleted a queue (or a binding): declare ours again and try once more
+                with self._deadline():
+                    declare_topology(channel)
+                    channel.basic_publish(exchange, routing_key, body, properties, mandatory=mandatory)
         except pika.exceptions.UnroutableError as error:
             raise Unroutable(f"no queue for routing key {routing_key!r}: {error!r}") from error
         except pika.exceptions.NackError as error:
-            raise BrokerUnavailable(f"broker did not take the message: {error!r}") from error
+            raise Refused(f"broker did not take the message: {error!r}") from error
+        except _DeadlinePassed as error:
+            self.close()
+            raise PublishTimeout(f"no confirm within {self._publish_deadline}s for {routing_key!r}") from error
         except CONNECTION_ERRORS as error:
             self.close()
             raise BrokerUnavailable(f"lost RabbitMQ while publishing: {error!r}") from error
+
+    @contextmanager
+    def _deadline(self):
+        """Drop the connection if the calls inside have not finished within the publish deadline;
+        the call waiting then raises `_DeadlinePassed`.
+
+        pika's blocking calls (a confirm, a declare) wait with no time limit, but they drive the
+        connection's I/O loop while they wait, and its timers with it. This timer ends the wait
+        the way pika's own blocked_connection_timeout and heartbeat checker do (`_terminate_stream`).
+        Private pika API, pinned in requirements.txt; tests/test_outbox.py proves it on a stalled link."""
+        connection = self._connection
+        impl = connection._impl
+        timer = impl._adapter_call_later(
+            self._publish_deadline, lambda: impl._terminate_stream(_DeadlinePassed("deadline passed")))
+        try:
+            yield
+        finally:
+            if not connection.is_closed:
+                impl._adapter_remove_timeout(timer)
 
     def consume(
         self,
@@ -304,29 +407,3 @@ def _sleep_unless(should_stop: Callable[[], bool], seconds: float) -> None:
     end = time.monotonic() + seconds
     while not should_stop() and time.monotonic() < end:
         time.sleep(min(0.1, max(0.0, end - time.monotonic())))
-
-
-class BrokerPool:
-    """Brokers shared by the web process's request threads; each is used by one thread at a time."""
-
-    def __init__(self, size: int = 8):
-        self._idle: queue.LifoQueue[Broker] = queue.LifoQueue(maxsize=size)
-
-    def publish(self, **message) -> None:
-        try:
-            broker = self._idle.get_nowait()
-        except queue.Empty:
-            broker = Broker(heartbeat=0)
-        try:
-            try:
-                broker.publish(**message)
-            except BrokerUnavailable:
-                broker.close()  # a stale pooled connection: one fresh try
-                broker.publish(**message)
-        except BrokerUnavailable:
-            broker.close()
-            raise
-        try:
-            self._idle.put_nowait(broker)
-        except queue.Full:
-            broker.close()

@@ -124,7 +124,11 @@ class TimelineEntry(models.Model):
 
 
 class OutboxMessage(models.Model):
-    """A message a committed transition decided to send; `sent_at` is set once the broker confirmed it."""
+    """A message a committed transition decided to send; `sent_at` is set once the broker confirmed it.
+
+    A row the broker would not take (unroutable, nacked, no confirm in time) is never dropped: the
+    relay tries it again after a wait that doubles with each of its `attempts`, from
+    `next_attempt_at` on, while the rows behind it go out."""
 
     saga = models.ForeignKey(Saga, on_delete=models.CASCADE, related_name="outbox")
     exchange = models.CharField(max_length=64)
@@ -133,6 +137,8 @@ class OutboxMessage(models.Model):
     body = models.JSONField()
     created_at = models.DateTimeField(auto_now_add=True)
     sent_at = models.DateTimeField(null=True, blank=True)
+    attempts = models.PositiveIntegerField(default=0)  # failed publishes so far
+    next_attempt_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         indexes = [models.Index(fields=["created_at"], condition=Q(sent_at__isnull=True), name="outbox_unsent")]

@@ -1,12 +1,21 @@
 """The transactional outbox: messages are written with the transition that decided them and
-published afterwards with publisher confirms. A row whose publish did not happen (broker away,
-process killed) is sent by `relay_pending`, which every consumer runs between messages."""
+published afterwards with publisher confirms.
+
+Who publishes a row: its writer first (the consumer on its own connection; a web request hands its
+rows to the process's `BackgroundPublisher` and answers at once), then, once the row is
+`RELAY_AFTER_SECONDS` old and still unsent (process killed, broker away or slow, row refused), the
+relay that every consumer runs between messages. A writer starts no publish past its window, so a
+row is never in the hands of its writer and a relay at once; relays skip the rows another relay
+has locked. A row the broker would not take waits out a growing delay (`retry_delay`) while the
+rows behind it go out; no row is ever dropped."""
 import logging
+import queue
 import threading
 import time
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from django.db import connections, transaction
+from django.db.models import Q
 from django.utils import timezone
 
 from sagas import messaging
@@ -15,13 +24,25 @@ from sagas.models import OutboxMessage
 
 log = logging.getLogger(__name__)
 
-_pool = messaging.BrokerPool()
+RELAY_AFTER_SECONDS = 5.0
+RETRY_FIRST_SECONDS = 1.0
+RETRY_MAX_SECONDS = 60.0
+# a writer must have finished with a row (published, or given up at the publish deadline) before
+# the relay may take it; half a second of room for the clocks of two processes
+_WRITER_WINDOW = timedelta(seconds=RELAY_AFTER_SECONDS - messaging.PUBLISH_DEADLINE_SECONDS - 0.5)
+
 _thread = threading.local()
 
 
-def use_publisher(publisher) -> None:
-    """Publish from this thread through its own broker connection (the consumer's) instead of the pool."""
-    _thread.publisher = publisher
+def use_publisher(broker: messaging.Broker | None) -> None:
+    """Publish from this thread through its own broker connection (the consumer's), synchronously
+    (None: hand this thread's rows to the background publisher again)."""
+    _thread.broker = broker
+
+
+def retry_delay(attempts: int) -> float:
+    """Seconds before the next try of a row whose publish has failed `attempts` (>= 1) times."""
+    return min(RETRY_FIRST_SECONDS * 2.0 ** min(attempts - 1, 64), RETRY_MAX_SECONDS)
 
 
 class _SentMarker:
@@ -35,6 +56,8 @@ class _SentMarker:
         self._thread: threading.Thread | None = None
 
     def add(self, ids: list[int]) -> None:
+        if not ids:
+            return
         with self._lock:
             self._ids.extend(ids)
             if self._thread is None:
@@ -62,8 +85,84 @@ _marker = _SentMarker()
 flush_sent = _marker.flush
 
 
-def _current_publisher():
-    return getattr(_thread, "publisher", None) or _pool
+class BackgroundPublisher:
+    """The web process's publisher: one thread, one connection, a bounded queue. A request hands
+    over the rows it committed and never waits on the broker. What this thread cannot take (queue
+    full), could not publish, or reaches past the writer's window is left to the relay. While idle
+    it lets the connection exchange heartbeats, so a dead peer is noticed before the next order."""
+
+    def __init__(self, *, broker: messaging.Broker | None = None, capacity: int = 10_000, idle_tick: float = 1.0):
+        self._broker = broker or messaging.Broker()
+        self._queue: queue.Queue[list[OutboxMessage]] = queue.Queue(maxsize=capacity)
+        self._idle_tick = idle_tick
+        self._stopping = threading.Event()
+        self._start_lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def submit(self, rows: list[OutboxMessage]) -> None:
+        self._start()
+        try:
+            self._queue.put_nowait(rows)
+        except queue.Full:
+            log.warning("publisher queue full: rows left to the outbox relay", extra={"rows": len(rows)})
+
+    def idle(self) -> bool:
+        """Whether every row handed over has been dealt with (published, or left to the relay)."""
+        return self._queue.unfinished_tasks == 0
+
+    def stop(self, *, timeout: float = 5.0) -> None:
+        self._stopping.set()
+        if self._thread is not None:
+            self._thread.join(timeout=timeout)
+
+    def _start(self) -> None:
+        with self._start_lock:
+            if self._thread is None:  # started by the first request, so after any fork
+                self._thread = threading.Thread(target=self._run, name="outbox-publisher", daemon=True)
+                self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                batches = [self._queue.get(timeout=self._idle_tick)]
+            except queue.Empty:
+                self._broker.keep_alive()
+                continue
+            while len(batches) < 200:
+                try:
+                    batches.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            try:
+                sent, _ = _send([row for rows in batches for row in rows], self._broker, writer=True)
+                _marker.add(sent)
+            except Exception:  # the thread must not die; the relay has the rows
+                log.exception("background publish failed; rows left to the outbox relay")
+            finally:
+                for _ in batches:
+                    self._queue.task_done()
+        self._broker.close()
+
+
+_process_publisher: BackgroundPublisher | None = None
+_process_publisher_lock = threading.Lock()
+
+
+def install_publisher(publisher: BackgroundPublisher | None) -> BackgroundPublisher | None:
+    """Make `publisher` the process's background publisher (None: a default one, built on first
+    use); returns the one it replaces, which the caller stops if it is done with it."""
+    global _process_publisher
+    with _process_publisher_lock:
+        previous, _process_publisher = _process_publisher, publisher
+    return previous
+
+
+def _background() -> BackgroundPublisher:
+    global _process_publisher
+    with _process_publisher_lock:
+        if _process_publisher is None:
+            _process_publisher = BackgroundPublisher()
+        return _process_publisher
 
 
 def outbox_row(saga_id: str, message: Command | Event) -> OutboxMessage:
@@ -74,32 +173,57 @@ def outbox_row(saga_id: str, message: Command | Event) -> OutboxMessage:
     return OutboxMessage(saga_id=saga_id, exchange=messaging.EVENTS_EXCHANGE, routing_key=message.routing_key, body=message.body)
 
 
-def publish(rows: list[OutboxMessage], *, mark_now: bool = False) -> int:
-    """Publish rows in order and mark them sent (soon, or `mark_now`); stop at the first failure
-    (the relay retries)."""
-    publisher, sent = _current_publisher(), []
+def publish(rows: list[OutboxMessage]) -> None:
+    """After the commit: publish the rows now on this thread's broker (the consumer), or hand them
+    to the process's background publisher (web requests). Rows not sent stay for the relay."""
+    broker = getattr(_thread, "broker", None)
+    if broker is None:
+        _background().submit(rows)
+        return
+    sent, _ = _send(rows, broker, writer=True)
+    _marker.add(sent)
+
+
+def _send(rows: list[OutboxMessage], broker: messaging.Broker, *, writer: bool = False) -> tuple[list[int], list[OutboxMessage]]:
+    """Publish rows in order. Returns the ids of those sent and the rows that failed on their own
+    account. A row the broker refuses or cannot route does not stop the rows behind it; a lost or
+    stalled connection does (they could not go either), and counts against the row it happened on
+    (it may be the cause). Not being able to connect counts against no row."""
     try:
-        for row in rows:
-            is_command = row.exchange == messaging.COMMANDS_EXCHANGE
-            publisher.publish(
-                exchange=row.exchange,
-                routing_key=row.routing_key,
-                body=messaging.encode(row.body),
-                message_id=str(row.message_id),
-                correlation_id=str(row.saga_id),
-                reply_to=messaging.REPLIES_QUEUE if is_command else None,
-                mandatory=is_command,
-            )
-            sent.append(row.pk)
-            log.debug("published", extra={"saga_id": str(row.saga_id), "routing_key": row.routing_key,
-                                         "attempt": row.body.get("attempt"), "message_id": str(row.message_id)})
+        broker.connect()
     except messaging.BrokerUnavailable as error:
-        log.warning("publish deferred to the outbox relay: %s", error, extra={"saga_id": str(rows[len(sent)].saga_id)})
-    if mark_now:
-        _mark_sent(sent)
-    elif sent:
-        _marker.add(sent)
-    return len(sent)
+        log.warning("publish deferred to the outbox relay: %s", error, extra={"rows": len(rows)})
+        return [], []
+    sent, failed = [], []
+    for row in rows:
+        if writer and row.created_at < timezone.now() - _WRITER_WINDOW:
+            continue  # the relay's now
+        try:
+            _publish_row(broker, row)
+        except messaging.BrokerUnavailable as error:
+            failed.append(row)
+            log.warning("outbox row not published: %s", error,
+                        extra={"saga_id": str(row.saga_id), "routing_key": row.routing_key, "attempts": row.attempts})
+            if isinstance(error, (messaging.Unroutable, messaging.Refused)):
+                continue
+            break
+        sent.append(row.pk)
+    return sent, failed
+
+
+def _publish_row(broker: messaging.Broker, row: OutboxMessage) -> None:
+    is_command = row.exchange == messaging.COMMANDS_EXCHANGE
+    broker.publish(
+        exchange=row.exchange,
+        routing_key=row.routing_key,
+        body=messaging.encode(row.body),
+        message_id=str(row.message_id),
+        correlation_id=str(row.saga_id),
+        reply_to=messaging.REPLIES_QUEUE if is_command else None,
+        mandatory=is_command,
+    )
+    log.debug("published", extra={"saga_id": str(row.saga_id), "routing_key": row.routing_key,
+                                 "attempt": row.body.get("attempt"), "message_id": str(row.message_id)})
 
 
 def _mark_sent(ids: list[int]) -> None:
@@ -107,17 +231,33 @@ def _mark_sent(ids: list[int]) -> None:
         OutboxMessage.objects.filter(pk__in=ids).update(sent_at=timezone.now())
 
 
-def relay_pending(*, older_than: float = 2.0, limit: int = 200) -> int:
-    """Send rows that their writer did not send. Rows locked by another relay are skipped."""
-    cutoff = timezone.now() - timedelta(seconds=older_than)
+def _back_off(rows: list[OutboxMessage], *, now: datetime) -> None:
+    for row in rows:
+        row.attempts += 1
+        row.next_attempt_at = now + timedelta(seconds=retry_delay(row.attempts))
+    OutboxMessage.objects.bulk_update(rows, ["attempts", "next_attempt_at"])
+
+
+def relay_pending(*, broker: messaging.Broker | None = None, older_than: float = RELAY_AFTER_SECONDS,
+                  limit: int = 200) -> int:
+    """Send the rows their writer did not send, oldest first, leaving out those waiting out a retry
+    delay and those another relay has locked. Returns how many were sent."""
+    broker = broker or getattr(_thread, "broker", None)
+    if broker is None:
+        raise RuntimeError("relay_pending needs a broker: pass broker= or call use_publisher first")
+    now = timezone.now()
     with transaction.atomic():
         rows = list(
             OutboxMessage.objects.select_for_update(skip_locked=True)
-            .filter(sent_at__isnull=True, created_at__lt=cutoff)
+            .filter(sent_at__isnull=True, created_at__lt=now - timedelta(seconds=older_than))
+            .filter(Q(next_attempt_at__isnull=True) | Q(next_attempt_at__lte=now))
             .order_by("created_at", "id")[:limit]
         )
         if not rows:
             return 0
-        sent = publish(rows, mark_now=True)  # while they are locked, so no other relay sends them again
-    log.info("outbox relay", extra={"pending": len(rows), "sent": sent})
-    return sent
+        sent, failed = _send(rows, broker)  # while they are locked, so no other relay sends them again
+        _mark_sent(sent)
+        if failed:
+            _back_off(failed, now=timezone.now())
+    log.info("outbox relay", extra={"pending": len(rows), "sent": len(sent), "failed": len(failed)})
+    return len(sent)

@@ -48,12 +48,29 @@ def sagas_with_order(saga: Saga) -> list[Saga]:
     return list(Saga.objects.filter(order_id=saga.order_id).exclude(pk=saga.pk).only(*LIST_COLUMNS)[:20])
 
 
-def saga_timeline(saga: Saga) -> list[TimelineEntry]:
-    """The saga's timeline, oldest first, each entry's message body as indented JSON for reading."""
-    entries = list(saga.timeline.order_by("at", "id"))
+TIMELINE_PAGE_SIZE = 200
+
+
+@dataclass(frozen=True)
+class TimelinePage:
+    entries: list[TimelineEntry]  # oldest first
+    number: int  # 1 is the newest entries; higher numbers go back in time
+    pages: int
+    total: int
+
+
+def saga_timeline(saga: Saga, *, page: int = 1, per_page: int = TIMELINE_PAGE_SIZE) -> TimelinePage:
+    """One page of the saga's timeline: page 1 holds the newest `per_page` entries, page 2 the
+    ones before them, and so on; each page reads oldest first. Each entry's message body comes
+    as indented JSON for reading. A page past the last is the last (the oldest entries)."""
+    total = saga.timeline.count()
+    pages = max(1, -(-total // per_page))
+    number = min(max(1, page), pages)
+    newest_first = saga.timeline.order_by("-at", "-id")[(number - 1) * per_page:number * per_page]
+    entries = list(reversed(newest_first))
     for entry in entries:
         entry.body_json = json.dumps(entry.body, indent=2, sort_keys=True) if entry.body else ""
-    return entries
+    return TimelinePage(entries=entries, number=number, pages=pages, total=total)
 
 
 @dataclass(frozen=True)

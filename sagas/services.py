@@ -63,6 +63,8 @@ def saga_limits() -> Limits:
         step_timeout=settings.SAGA_STEP_TIMEOUT_SECONDS,
         step_max_attempts=settings.SAGA_STEP_MAX_ATTEMPTS,
         compensation_max_attempts=settings.SAGA_COMPENSATION_MAX_ATTEMPTS,
+        backoff=settings.SAGA_RETRY_BACKOFF,
+        max_wait=settings.SAGA_RETRY_MAX_SECONDS,
     )
 
 

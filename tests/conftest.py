@@ -10,12 +10,13 @@ from django.conf import settings
 from django.db import connection
 from django_redis import get_redis_connection
 
-from sagas import messaging
+from sagas import messaging, outbox
 from sagas.consumer import SagaConsumer
 from sagas.demo.auth_server import serve_auth
 from sagas.demo.participants import start_participants
 from sagas.engine import TERMINAL
 from sagas.models import Saga
+from tests.tcp_proxy import StallingProxy
 from tools.faults import infra
 
 CUSTOMER_TOKEN, OTHER_CUSTOMER_TOKEN, STAFF_TOKEN = "demo-alice", "demo-bob", "demo-staff"
@@ -105,6 +106,7 @@ def participants(tmp_path, fresh_queues):
     stop.set()
     for thread in threads:
         thread.join(timeout=10)
+    assert not [t.name for t in threads if t.is_alive()], "participants did not stop within 10 s"
 
 
 @pytest.fixture
@@ -114,6 +116,7 @@ def consumer(fast_deadlines, fresh_redis, fresh_queues):
     yield saga_consumer
     saga_consumer.stop()
     thread.join(timeout=10)
+    assert not thread.is_alive(), "the consumer did not stop within 10 s"
 
 
 @pytest.fixture
@@ -160,3 +163,23 @@ def private_queue():
     infra.declare_queue(vhost, queue)
     yield queue
     infra.delete_queue(vhost, queue)
+
+
+@pytest.fixture
+def outbox_publisher():
+    """The web requests' background publisher, a fresh one of the test's own (it connects with the
+    settings of the moment), stopped afterwards."""
+    publisher = outbox.BackgroundPublisher()
+    previous = outbox.install_publisher(publisher)
+    yield publisher
+    outbox.install_publisher(previous)
+    publisher.stop()
+
+
+@pytest.fixture
+def stalling_proxy(settings):
+    """The service reaches RabbitMQ through a proxy of the test's own that can stall."""
+    proxy = StallingProxy(target=("127.0.0.1", settings.RABBITMQ["port"]))
+    settings.RABBITMQ = {**settings.RABBITMQ, "host": "127.0.0.1", "port": proxy.port}
+    yield proxy
+    proxy.close()

@@ -5,6 +5,7 @@ the real service reaches; the last test drives a real saga through the broker an
 """
 import io
 import re
+import time
 import uuid
 from datetime import timedelta
 
@@ -22,7 +23,7 @@ from django.utils import timezone
 
 from sagas import live, services
 from sagas.engine import Reply
-from sagas.models import Saga, TimelineEntry
+from sagas.models import OutboxMessage, Saga, TimelineEntry
 from tests.conftest import ORDER, finished
 
 pytestmark = pytest.mark.django_db
@@ -364,6 +365,59 @@ def test_marking_the_last_owed_step_compensated_ends_the_saga(support, failed_sa
     assert saga.steps.get(name="reduce_stock").status == "compensated"
     (entry,) = LogEntry.objects.filter(object_id=failed_saga)
     assert "(step reduce_stock)" in entry.change_message and "event saga.compensated" in entry.change_message
+
+
+def gave_up_unanswered(settings):
+    """Payment declined; stock.restore was sent and never answered: the saga failed."""
+    settings.SAGA_COMPENSATION_MAX_ATTEMPTS, settings.SAGA_STEP_TIMEOUT_SECONDS = 1, 0.01
+    saga_id = start_saga(payment_method="pm-declined")
+    reply(saga_id, "stock.reduce", total="19.98")
+    reply(saga_id, "payment.take", "failure", "payment_declined")
+    time.sleep(0.05)
+    services.handle_timeout(saga_id=saga_id)
+    assert Saga.objects.get(pk=saga_id).status == "failed"
+    return saga_id
+
+
+def events_of(saga_id):
+    return list(OutboxMessage.objects.filter(saga_id=saga_id, exchange="saga.events").order_by("id")
+                .values_list("routing_key", flat=True))
+
+
+def test_a_late_undo_success_heals_a_failed_saga(settings):
+    saga_id = gave_up_unanswered(settings)
+    services.handle_reply(saga_id=saga_id, reply=Reply("stock.restore", 1, "success"))
+    saga = Saga.objects.get(pk=saga_id)
+    assert (saga.status, saga.failure_reason) == ("compensated", "payment_declined")
+    assert events_of(saga_id) == ["saga.failed", "saga.compensated"]
+    late = saga.timeline.get(kind="reply", command="stock.restore")
+    assert late.applied and "after the saga failed" in late.note
+
+
+def test_marking_a_step_with_an_undo_outstanding_shows_it_then_flags_a_second_undo(support, settings):
+    saga_id = gave_up_unanswered(settings)
+    page = support.get(action_url(saga_id, "mark-compensated"))
+    table = re.search(r'<table class="saga-plan" id="saga-outstanding">.*?</table>', page.content.decode(), re.S)[0]
+    assert "stock.restore" in table and "<td>1</td>" in table and " ago</span>" in table
+    support.post(action_url(saga_id, "mark-compensated"), {"reason": "restocked by hand", "step_name": "reduce_stock"})
+    assert Saga.objects.get(pk=saga_id).status == "compensated"
+
+    services.handle_reply(saga_id=saga_id, reply=Reply("stock.restore", 1, "success"))
+    assert events_of(saga_id) == ["saga.failed", "saga.compensated", "saga.undone_twice"]
+    flagged = OutboxMessage.objects.get(saga_id=saga_id, routing_key="saga.undone_twice").body
+    assert (flagged["step"], flagged["command"], flagged["status"]) == ("reduce_stock", "stock.restore", "compensated")
+    assert "undone twice: check with stock" in support.get(saga_page(saga_id)).content.decode()
+    assert TimelineEntry.objects.get(saga_id=saga_id, kind="reply", command="stock.restore").note == \
+        "undone twice: check with stock"
+
+
+def test_retry_now_with_the_attempts_spent_sends_once_more_instead_of_undoing(support, settings):
+    settings.SAGA_STEP_MAX_ATTEMPTS = 1
+    saga_id = start_saga()
+    support.post(action_url(saga_id, "retry"), {"reason": "stock service is back"})
+    state = services.load_saga_state(saga_id)
+    assert state.status == "running" and (state.awaiting.command, state.awaiting.attempt) == ("stock.reduce", 2)
+    assert "granted by staff" in TimelineEntry.objects.get(saga_id=saga_id, kind="staff").note
 
 
 @pytest.mark.parametrize(("slug", "data", "sentence"), [

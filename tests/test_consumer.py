@@ -11,7 +11,7 @@ import threading
 import pytest
 import requests
 
-from sagas import messaging, outbox
+from sagas import messaging
 from sagas.consumer import SagaConsumer
 from sagas.models import OutboxMessage, Saga, TimelineEntry
 from tests.conftest import ORDER, database_url, in_thread, finished, wait_for
@@ -60,16 +60,16 @@ def test_sigterm_stops_the_consumer_cleanly(transactional_db, fresh_queues):
     assert any("consumer stopped" in line for line in lines)
 
 
-def test_with_the_broker_away_orders_are_accepted_and_run_once_it_is_back(saga_stack, settings):
+def test_with_the_broker_away_orders_are_accepted_and_run_once_it_is_back(saga_stack, settings, outbox_publisher):
     settings.SAGA_STEP_TIMEOUT_SECONDS = 10  # the relay, not a resend, must deliver the first command
+    port = settings.RABBITMQ["port"]
     settings.RABBITMQ = {**settings.RABBITMQ, "port": 1}  # nothing listens there
-    outbox._pool = messaging.BrokerPool()
     response = saga_stack.create_order()
     assert response.status_code == 202
     saga_id = response.json()["saga_id"]
+    wait_for(outbox_publisher.idle, timeout=10, what="the web publisher to give up")
     assert OutboxMessage.objects.filter(saga_id=saga_id, sent_at__isnull=True).count() == 1
-    settings.RABBITMQ = {**settings.RABBITMQ, "port": 5672}
-    outbox._pool = messaging.BrokerPool()
+    settings.RABBITMQ = {**settings.RABBITMQ, "port": port}
     saga = finished(saga_id, timeout=30)
     assert saga.status == "completed"
     assert saga.steps.get(name="reduce_stock").attempts == 1  # the consumer's relay sent it

@@ -1,14 +1,16 @@
 """The saga's pure rules: no broker, no database, no Redis."""
+import re
 from dataclasses import replace
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import event as count_path, settings, strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from sagas import engine
 from sagas.engine import ActionRefused, Command, Event, Limits, Reply
-from sagas.flow import ORDER_SAGA
+from sagas.flow import ORDER_SAGA, RetryPolicy
 
-LIMITS = Limits(step_timeout=10.0, step_max_attempts=3, compensation_max_attempts=4)
+LIMITS = Limits(step_timeout=10.0, step_max_attempts=3, compensation_max_attempts=4, backoff=2.0, max_wait=300.0)
 FACTS = {"user_id": "alice", "items": [{"product_id": "sku-1", "quantity": 2}], "currency": "EUR", "payment_method": "pm-1"}
 SUCCESS_DATA = {"stock.reduce": {"total": "19.98"}, "order.create": {"order_id": "o-1"}}
 
@@ -152,63 +154,398 @@ def test_state_survives_a_round_trip_through_json():
     assert engine.state_from_dict(engine.state_to_dict(state)) == state
 
 
-# Property: whatever replies, duplicates, stale replies and timeouts arrive, in any order, the
-# saga ends terminal, and the compensations it sent mirror its succeeded steps in reverse.
-
-event_kinds = st.sampled_from(["success", "failure", "timeout", "duplicate", "stale"])
-
-
-@settings(max_examples=400, deadline=None)
-@given(st.lists(event_kinds, max_size=40))
-def test_any_sequence_of_events_ends_terminal_with_mirrored_compensations(kinds):
-    decision, now, history, seen = started(), 0.0, [], []
-    history += decision.messages
-    for kind in kinds:
-        state = decision.state
-        if state.status in engine.TERMINAL:
+def deadlines(decision, limits=LIMITS, sends=6):
+    """The wait after each send of the awaited command, while only deadlines pass."""
+    waits = []
+    for _ in range(sends):
+        awaited = decision.state.awaiting
+        if awaited is None:
             break
-        now += 1
-        awaited = state.awaiting
-        if kind == "timeout" or awaited is None:
-            next_decision = engine.on_timeout(state, limits=LIMITS, now=awaited.deadline if awaited else now)
-        elif kind in ("success", "failure"):
-            reply = Reply(awaited.command, awaited.attempt, kind, kind, SUCCESS_DATA.get(awaited.command, {}))
-            seen.append(reply)
-            next_decision = engine.on_reply(state, reply, limits=LIMITS, now=now)
-        elif kind == "duplicate" and seen:
-            next_decision = engine.on_reply(state, seen[-1], limits=LIMITS, now=now)
-            assert not next_decision.changed
+        waits.append(awaited.deadline - awaited.sent_at)
+        decision = engine.on_timeout(decision.state, limits=limits, now=awaited.deadline)
+    return waits, decision
+
+
+def test_each_resend_waits_backoff_times_longer_up_to_the_cap():
+    limits = Limits(step_timeout=10.0, step_max_attempts=4, compensation_max_attempts=6, backoff=2.0, max_wait=35.0)
+    waits, _ = deadlines(engine.start(saga_id="s-1", facts=FACTS, limits=limits, now=0.0), limits)
+    assert waits[:4] == [10.0, 20.0, 35.0, 35.0]  # stock.reduce, sends 1-4
+    assert waits[4:] == [10.0, 20.0]  # then stock.restore starts again from the step timeout
+
+
+def test_fractional_backoff_and_an_absurd_attempt_number_stay_capped():
+    limits = Limits(step_timeout=0.5, step_max_attempts=3, compensation_max_attempts=3, backoff=1.5, max_wait=2.0)
+    assert [engine.wait_after_send(limits, n) for n in (1, 2, 3, 4)] == [0.5, 0.75, 1.125, 1.6875]
+    assert engine.wait_after_send(limits, 10**6) == 2.0
+
+
+def test_a_participant_slow_for_minutes_does_not_use_up_the_attempts_in_seconds():
+    defaults = Limits(step_timeout=30.0, step_max_attempts=3, compensation_max_attempts=10, backoff=2.0, max_wait=300.0)
+    waits, decision = deadlines(engine.start(saga_id="s-1", facts=FACTS, limits=defaults, now=0.0), defaults, sends=3)
+    assert sum(waits) == 210.0  # 30 + 60 + 120 s of waiting for the stock service before giving up
+    assert decision.state.step("reduce_stock").status == engine.STEP_COMPENSATING
+    waits, decision = deadlines(decision, defaults, sends=10)
+    assert sum(waits) >= 30 * 60 and decision.state.status == engine.FAILED
+
+
+def test_a_step_of_the_flow_may_declare_its_own_retry_policy(monkeypatch):
+    patient = replace(ORDER_SAGA[0], retry=RetryPolicy(timeout=60.0, backoff=1.0, attempts=2, compensation_attempts=1))
+    monkeypatch.setattr(engine, "ORDER_SAGA", (patient, *ORDER_SAGA[1:]))
+    waits, decision = deadlines(started(), sends=3)
+    assert waits == [60.0, 60.0, 60.0]  # two stock.reduce sends, then one stock.restore
+    assert decision.state.status == engine.FAILED
+    assert sent(succeed(succeed(started()))) == [("order.create", 1)]
+    assert succeed(started()).state.awaiting.deadline == 1.0 + LIMITS.step_timeout  # the others keep the settings
+
+
+def gave_up_undoing():
+    """Payment declined; stock.restore went unanswered for all its sends: the saga is failed."""
+    decision = fail(succeed(started()), "payment_declined")
+    _, decision = deadlines(decision, sends=LIMITS.compensation_max_attempts)
+    assert decision.state.status == engine.FAILED
+    return decision
+
+
+def test_a_late_compensation_success_heals_a_failed_saga():
+    decision = gave_up_undoing()
+    assert decision.state.failure_reason == "stock.restore did not succeed: no success after 4 attempts"
+    healed = engine.on_reply(decision.state, Reply("stock.restore", 2, "success"), limits=LIMITS, now=500)
+    assert healed.state.status == engine.COMPENSATED
+    assert healed.state.failure_reason == "payment_declined"  # why it was undone, again
+    assert [m.routing_key for m in healed.messages] == ["saga.compensated"]
+    assert "after the saga failed" in healed.note
+    assert not engine.on_reply(healed.state, Reply("stock.restore", 3, "success"), limits=LIMITS, now=501).changed
+
+
+def test_a_late_compensation_success_on_a_failed_saga_carries_on_with_the_next_undo():
+    decision = fail(succeed(succeed(started())), "order_rejected")
+    _, decision = deadlines(decision, sends=LIMITS.compensation_max_attempts)
+    assert decision.state.status == engine.FAILED
+    healed = engine.on_reply(decision.state, Reply("payment.refund", 1, "success"), limits=LIMITS, now=500)
+    assert healed.state.status == engine.COMPENSATING and sent(healed) == [("stock.restore", 1)]
+    assert succeed(healed).state.status == engine.COMPENSATED
+
+
+def test_a_success_to_an_earlier_send_of_the_awaited_compensation_counts():
+    decision = fail(succeed(started()))
+    _, decision = deadlines(decision, sends=2)
+    assert (decision.state.awaiting.command, decision.state.awaiting.attempt) == ("stock.restore", 3)
+    counted = engine.on_reply(decision.state, Reply("stock.restore", 1, "success"), limits=LIMITS, now=99)
+    assert counted.state.status == engine.COMPENSATED and "earlier send" in counted.note
+
+
+def test_a_failure_to_an_earlier_send_changes_nothing():
+    decision = fail(succeed(started()))
+    _, decision = deadlines(decision, sends=1)
+    assert not engine.on_reply(decision.state, Reply("stock.restore", 1, "failure", "x"), limits=LIMITS, now=99).changed
+
+
+def test_a_participant_undoing_a_step_marked_by_hand_is_flagged_undone_twice():
+    decision = gave_up_undoing()
+    (outstanding,) = engine.outstanding_compensations(decision.state)
+    assert (outstanding.step, outstanding.command, outstanding.sends) == ("reduce_stock", "stock.restore", 4)
+    assert outstanding.last_sent_at == decision.state.step("reduce_stock").compensation_sent_at > 1
+    marked = engine.mark_compensated(decision.state, step_name="reduce_stock", limits=LIMITS, now=600)
+    assert marked.state.status == engine.COMPENSATED and marked.state.step("reduce_stock").marked_by_hand
+    assert engine.outstanding_compensations(marked.state) == []
+    twice = engine.on_reply(marked.state, Reply("stock.restore", 3, "success"), limits=LIMITS, now=700)
+    assert twice.note == "undone twice: check with stock"
+    (event,) = twice.messages
+    assert event.routing_key == "saga.undone_twice"
+    assert event.body == {**engine.terminal_event(marked.state).body, "step": "reduce_stock", "command": "stock.restore"}
+    assert twice.state.status == engine.COMPENSATED
+    assert not engine.on_reply(twice.state, Reply("stock.restore", 4, "success"), limits=LIMITS, now=701).changed
+
+
+def test_a_step_marked_by_hand_before_any_undo_was_sent_is_not_flagged():
+    decision = fail(succeed(succeed(started())))  # payment.refund 1 in flight, stock.restore never sent
+    marked = engine.mark_compensated(decision.state, step_name="reduce_stock", limits=LIMITS, now=5)
+    assert not engine.on_reply(marked.state, Reply("stock.restore", 1, "success"), limits=LIMITS, now=6).changed
+
+
+def test_retry_now_with_the_attempts_spent_grants_one_more_and_never_gives_up():
+    decision = succeed(started())
+    _, decision = deadlines(decision, sends=LIMITS.step_max_attempts - 1)
+    assert decision.state.awaiting.attempt == LIMITS.step_max_attempts
+    retried = engine.retry_now(decision.state, limits=LIMITS, now=decision.state.awaiting.deadline + 1)
+    assert sent(retried) == [("payment.take", 4)] and retried.state.status == engine.RUNNING
+    assert "granted by staff" in retried.note and retried.state.step("take_payment").granted_attempts == 1
+    gave_up = engine.on_timeout(retried.state, limits=LIMITS, now=retried.state.awaiting.deadline)
+    assert sent(gave_up) == [("payment.refund", 1)]  # the deadline may still give up, after the granted send
+
+
+def test_retry_now_with_attempts_left_is_a_plain_resend():
+    retried = engine.retry_now(started().state, limits=LIMITS, now=3)
+    assert sent(retried) == [("stock.reduce", 2)] and retried.state.step("reduce_stock").granted_attempts == 0
+    assert retried.state.awaiting.deadline == 3 + LIMITS.step_timeout * LIMITS.backoff
+
+
+def test_retry_now_of_a_compensation_whose_attempts_are_spent_grants_one_more():
+    decision = fail(succeed(started()))
+    _, decision = deadlines(decision, sends=LIMITS.compensation_max_attempts - 1)
+    decision = fail(decision, "warehouse_closed")
+    assert decision.state.status == engine.FAILED
+    assert engine.refusal(decision.state, engine.StaffAction.RETRY) is not None  # failed: resume instead
+    decision = fail(succeed(started()))
+    _, decision = deadlines(decision, sends=LIMITS.compensation_max_attempts - 1)
+    retried = engine.retry_now(decision.state, limits=LIMITS, now=1000)
+    assert sent(retried) == [("stock.restore", LIMITS.compensation_max_attempts + 1)]
+    assert retried.state.status == engine.COMPENSATING
+
+
+def test_the_engine_states_which_staff_actions_a_state_allows():
+    allowed = {action for action, why in engine.refusals(started().state).items() if why is None}
+    assert allowed == {engine.StaffAction.COMPENSATE, engine.StaffAction.RETRY}
+    failed = engine.refusals(gave_up_undoing().state)
+    assert failed[engine.StaffAction.RETRY] == "This saga is failed: no command is awaited, so there is nothing to retry."
+    assert failed[engine.StaffAction.RESUME] is None and failed[engine.StaffAction.MARK_COMPENSATED] is None
+    completed = engine.refusals(succeed(succeed(succeed(started()))).state)
+    assert completed[engine.StaffAction.COMPENSATE] is None
+    assert "only while a saga is compensating or failed" in completed[engine.StaffAction.MARK_COMPENSATED]
+    assert engine.refusal(gave_up_undoing().state, engine.StaffAction.MARK_COMPENSATED,
+                          step_name="take_payment") == "Step take_payment is failed: nothing of it is owed."
+
+
+def test_a_state_stored_before_these_fields_existed_still_loads():
+    state = fail(succeed(started())).state
+    stored = engine.state_to_dict(state)
+    del stored["failure_before_give_up"]
+    for step in stored["steps"]:
+        for new_field in ("granted_attempts", "compensation_sent_at", "marked_by_hand", "undone_twice"):
+            del step[new_field]
+    loaded = engine.state_from_dict(stored)
+    assert loaded == replace(state, steps=tuple(replace(s, compensation_sent_at=None) for s in state.steps))
+    assert [m.routing_key for m in engine.on_reply(loaded, Reply("stock.restore", 1, "success"), limits=LIMITS,
+                                                   now=2).messages] == ["saga.compensated"]
+
+
+# The stateful property: any history of sends, participants acting on any send (earlier ones too,
+# more than once), replies delivered late, twice or never, deadlines passing at any moment, and
+# the four staff actions. The test keeps its own model of what each participant did and judges
+# the engine against it, not against the engine's own view.
+
+MACHINE_LIMITS = Limits(step_timeout=10.0, step_max_attempts=3, compensation_max_attempts=3, backoff=2.0, max_wait=45.0)
+FORWARD = {step.command: step.name for step in ORDER_SAGA}
+UNDO = {step.compensation: step.name for step in ORDER_SAGA}
+STEP_NAMES = [step.name for step in ORDER_SAGA]
+
+
+def expected_wait(attempt: int) -> float:
+    return min(MACHINE_LIMITS.step_timeout * MACHINE_LIMITS.backoff ** (attempt - 1), MACHINE_LIMITS.max_wait)
+
+
+class SagaHistory(RuleBasedStateMachine):
+    def __init__(self):
+        super().__init__()
+        self.now = 0.0
+        self.sent: list[tuple[Command, float]] = []
+        self.replies: list[Reply] = []  # replies the participants produced; any may be delivered, any number of times
+        self.terminal_events: list[str] = []
+        self.flagged: set[str] = set()  # steps the engine reported undone twice
+        # the participants, per step: its forward outcome once decided; whether its effect stands (and
+        # since which send); whether it carried out the undo (then a late forward is refused, as the
+        # demo participants' tombstones do)
+        self.outcome: dict[str, str] = {}
+        self.effect_since: dict[str, int] = {}
+        self.undone_by_participant: set[str] = set()
+        # staff
+        self.marked_at: dict[str, int] = {}
+        self.undo_reported_after_mark: set[str] = set()
+        self.limit = {**{c: MACHINE_LIMITS.step_max_attempts for c in FORWARD},
+                      **{c: MACHINE_LIMITS.compensation_max_attempts for c in UNDO}}
+        self.success_known_at: dict[str, int] = {}  # when a forward success first reached the engine
+        self.forward_failure_known: set[str] = set()  # a failure of the awaited forward send reached the engine
+        self.state = None
+        self.take(engine.start(saga_id="s-1", facts=FACTS, limits=MACHINE_LIMITS, now=0.0), "start")
+
+    # bookkeeping and per-decision checks
+
+    def sends_of(self, command: str) -> int:
+        return sum(1 for sent, _ in self.sent if sent.command == command)
+
+    def take(self, decision, origin: str, reply: Reply | None = None):
+        before = self.state.status if self.state else None
+        commands = [m for m in decision.messages if isinstance(m, Command)]
+        events = [m for m in decision.messages if isinstance(m, Event)]
+        if before in (engine.COMPLETED, engine.COMPENSATED) and origin not in ("staff compensate",):
+            # a finished saga only sends the documented late handling
+            late_undo = reply is not None and reply.command in FORWARD and reply.status == "success"
+            assert all(late_undo and c.command in UNDO for c in commands), (origin, commands)
+            assert all(e.routing_key == engine.UNDONE_TWICE for e in events), (origin, events)
+        if before == engine.FAILED and origin in ("deadline",):
+            assert decision.messages == ()
+        for command in commands:
+            assert command.attempt == self.sends_of(command.command) + 1  # sends are numbered without gaps
+            if command.command in UNDO:
+                step = UNDO[command.command]
+                # only a step that may have an effect is undone: its forward was sent, not known to have failed
+                assert self.sends_of(ORDER_SAGA[STEP_NAMES.index(step)].command) > 0
+                assert step not in self.forward_failure_known
+                if reply is not None and reply.command in FORWARD and reply.status == "success" \
+                        and self.state.step(step).status == engine.STEP_COMPENSATED:
+                    self.limit[command.command] += 1  # the late-success undo is one send more
+            else:
+                assert not any(sent.command in UNDO for sent, _ in self.sent), "forward after undoing began"
+            self.sent.append((command, self.now))
+            assert command.attempt <= self.limit[command.command], (command, self.limit)
+        for event in events:
+            if event.routing_key == engine.UNDONE_TWICE:
+                assert event.body["step"] not in self.flagged  # once
+                self.flagged.add(event.body["step"])
+                assert event.body["command"] == ORDER_SAGA[STEP_NAMES.index(event.body["step"])].compensation
+            else:
+                assert event.routing_key == f"saga.{decision.state.status}"
+                assert not self.terminal_events or self.terminal_events[-1] in ("saga.failed", "saga.completed")
+                self.terminal_events.append(event.routing_key)
+        for kind in ("after the saga failed", "earlier send", "undone twice", "granted by staff", "late success after"):
+            if kind in decision.note:
+                count_path(kind)  # shown by --hypothesis-show-statistics: the histories reach these paths
+        self.state = decision.state
+
+    # participants, replies and time
+
+    @rule(pick=st.integers(min_value=0), refuses=st.booleans(), deliver=st.booleans())
+    def participant_acts(self, pick, refuses, deliver):
+        command, _ = self.sent[pick % len(self.sent)]
+        if command.command in FORWARD:
+            step = FORWARD[command.command]
+            if step not in self.outcome:  # a repeated request gets the first outcome
+                self.outcome[step] = "failure" if refuses or step in self.undone_by_participant else "success"
+                if self.outcome[step] == "success":
+                    self.effect_since[step] = len(self.sent)
+            reply = Reply(command.command, command.attempt, self.outcome[step], None if self.outcome[step] == "success" else "no",
+                          SUCCESS_DATA.get(command.command, {}))
         else:
-            stale = Reply(awaited.command, awaited.attempt + 5, "success", data=SUCCESS_DATA.get(awaited.command, {}))
-            next_decision = engine.on_reply(state, stale, limits=LIMITS, now=now)
-            assert not next_decision.changed
-        decision = next_decision
-        history += decision.messages
-    for _ in range(100):  # drain: only deadlines pass from here on
-        if decision.state.status in engine.TERMINAL:
-            break
-        decision = engine.on_timeout(decision.state, limits=LIMITS, now=decision.state.awaiting.deadline)
-        history += decision.messages
-    state = decision.state
-    assert state.status in engine.TERMINAL
+            step = UNDO[command.command]
+            if refuses and step not in self.undone_by_participant:
+                reply = Reply(command.command, command.attempt, "failure", "busy")
+            else:
+                self.undone_by_participant.add(step)
+                self.effect_since.pop(step, None)
+                reply = Reply(command.command, command.attempt, "success")
+        self.replies.append(reply)
+        if deliver:
+            self.deliver(reply)
 
-    commands = [m for m in history if isinstance(m, Command)]
-    forward = {step.command for step in ORDER_SAGA}
-    first_compensations = list(dict.fromkeys(c.command for c in commands if c.command not in forward))
-    undone_steps = [s for s in reversed(ORDER_SAGA) if state.step(s.name).status in (engine.STEP_COMPENSATED, *engine.OWED)]
-    expected = [s.compensation for s in undone_steps]
-    if state.status == engine.COMPLETED:
-        assert first_compensations == []
-        assert all(step.status == engine.SUCCEEDED for step in state.steps)
-    elif state.status == engine.COMPENSATED:
-        assert first_compensations == expected
-        assert all(step.status in (engine.STEP_COMPENSATED, engine.STEP_FAILED, engine.PENDING) for step in state.steps)
-    else:
-        assert first_compensations == expected[: len(first_compensations)]
-    # nothing goes forward once compensation began, and no command exceeds its attempts
-    first_undo = next((i for i, c in enumerate(commands) if c.command not in forward), len(commands))
-    assert all(c.command not in forward for c in commands[first_undo:])
-    assert all(c.attempt <= (LIMITS.step_max_attempts if c.command in forward else LIMITS.compensation_max_attempts)
-               for c in commands)
-    events = [m for m in history if isinstance(m, Event)]
-    assert [e.routing_key for e in events] == [f"saga.{state.status}"]
+    @precondition(lambda self: self.replies)
+    @rule(pick=st.integers(min_value=0))
+    def reply_arrives(self, pick):  # late, out of order, or again
+        self.deliver(self.replies[pick % len(self.replies)])
+
+    def deliver(self, reply: Reply):
+        awaited = self.state.awaiting
+        if reply.command in UNDO and reply.status == "success" and UNDO[reply.command] in self.marked_at:
+            self.undo_reported_after_mark.add(UNDO[reply.command])
+        if reply.command in FORWARD and reply.status == "failure" and awaited \
+                and (awaited.command, awaited.attempt) == (reply.command, reply.attempt):
+            self.forward_failure_known.add(FORWARD[reply.command])
+        if reply.command in FORWARD and reply.status == "success":
+            self.success_known_at.setdefault(FORWARD[reply.command], len(self.sent))
+        self.take(engine.on_reply(self.state, reply, limits=MACHINE_LIMITS, now=self.now), "reply", reply)
+
+    @rule(seconds=st.floats(min_value=0, max_value=120, allow_nan=False))
+    def time_passes(self, seconds):
+        self.now += seconds
+        self.take(engine.on_timeout(self.state, limits=MACHINE_LIMITS, now=self.now), "deadline")
+
+    @precondition(lambda self: self.state.awaiting is not None)
+    @rule()
+    def the_deadline_passes(self):
+        self.now = max(self.now, self.state.awaiting.deadline)
+        self.take(engine.on_timeout(self.state, limits=MACHINE_LIMITS, now=self.now), "deadline")
+
+    # staff
+
+    def staff(self, action, act, origin, **details):
+        refused = engine.refusal(self.state, action, **details)
+        if refused:
+            with pytest.raises(ActionRefused, match=re.escape(refused)):
+                act()
+            return None
+        decision = act()
+        self.take(decision, origin)
+        return decision
+
+    def grant_resume(self):
+        if self.state.status == engine.FAILED:  # resuming grants a fresh set of sends to the stuck undo
+            stuck = next(s for s in reversed(self.state.steps) if s.status in engine.OWED)
+            command = ORDER_SAGA[STEP_NAMES.index(stuck.name)].compensation
+            self.limit[command] = self.sends_of(command) + MACHINE_LIMITS.compensation_max_attempts
+
+    @rule()
+    def staff_compensate(self):
+        if engine.refusal(self.state, engine.StaffAction.COMPENSATE) is None:
+            self.grant_resume()
+        self.staff(engine.StaffAction.COMPENSATE, lambda: engine.compensate(
+            self.state, reason="customer called", limits=MACHINE_LIMITS, now=self.now), "staff compensate")
+
+    @rule()
+    def staff_retry_now(self):
+        awaited = self.state.awaiting
+        if awaited is not None and self.sends_of(awaited.command) >= self.limit[awaited.command]:
+            self.limit[awaited.command] += 1  # staff grant one more send
+        decision = self.staff(engine.StaffAction.RETRY, lambda: engine.retry_now(
+            self.state, limits=MACHINE_LIMITS, now=self.now), "staff retry")
+        if decision is not None:  # it resends the awaited command and never gives up
+            assert [(m.command, m.attempt) for m in decision.messages] == [(awaited.command, self.sends_of(awaited.command))]
+            assert decision.state.status == self.state.status
+
+    @rule()
+    def staff_resume(self):
+        if engine.refusal(self.state, engine.StaffAction.RESUME) is None:
+            self.grant_resume()
+        self.staff(engine.StaffAction.RESUME, lambda: engine.resume_compensation(
+            self.state, limits=MACHINE_LIMITS, now=self.now), "staff resume")
+
+    @rule(step=st.sampled_from(STEP_NAMES))
+    def staff_mark_compensated(self, step):
+        if engine.refusal(self.state, engine.StaffAction.MARK_COMPENSATED, step_name=step) is None:
+            self.marked_at[step] = len(self.sent)
+        self.staff(engine.StaffAction.MARK_COMPENSATED, lambda: engine.mark_compensated(
+            self.state, step_name=step, limits=MACHINE_LIMITS, now=self.now), "staff mark", step_name=step)
+
+    # what must hold after every step of every history
+
+    @invariant()
+    def every_deadline_follows_the_backoff_formula(self):
+        awaited = self.state.awaiting
+        if awaited is not None:
+            last, sent_at = next((c, t) for c, t in reversed(self.sent) if c.command == awaited.command)
+            assert (awaited.attempt, awaited.sent_at) == (last.attempt, sent_at)
+            assert awaited.deadline == sent_at + expected_wait(awaited.attempt)
+
+    @invariant()
+    def a_completed_saga_did_everything_and_undid_nothing(self):
+        if self.state.status == engine.COMPLETED:
+            assert set(self.effect_since) == set(STEP_NAMES)
+            assert not self.undone_by_participant and not self.marked_at
+            assert not any(c.command in UNDO for c, _ in self.sent)
+
+    @invariant()
+    def a_compensated_saga_left_no_effect_standing(self):
+        if self.state.status == engine.COMPENSATED:
+            for step in self.effect_since:
+                # an effect the engine heard of is undone after it heard (or marked by hand after); one
+                # it never heard of was undone in case (the participant meets that undo after the forward)
+                undo = ORDER_SAGA[STEP_NAMES.index(step)].compensation
+                since = self.success_known_at.get(step, 0)
+                marked_after = self.marked_at.get(step, -1) >= since
+                undo_on_its_way = any(c.command == undo for c, _ in self.sent[since:])
+                assert marked_after or undo_on_its_way, (step, self.success_known_at, self.marked_at)
+
+    @invariant()
+    def an_undo_after_a_hand_mark_is_flagged_and_nothing_else_is(self):
+        assert self.flagged == self.undo_reported_after_mark
+
+    def teardown(self):
+        # from here on only deadlines pass: every saga ends, within its (granted) sends
+        for _ in range(200):
+            if self.state.awaiting is None:
+                break
+            self.the_deadline_passes()
+        assert self.state.awaiting is None
+        assert self.state.status in engine.TERMINAL or self.state.status == engine.COMPENSATING
+
+
+SagaHistory.TestCase.settings = settings(max_examples=300, stateful_step_count=40, deadline=None)
+TestAnyHistoryOfRepliesDeadlinesAndStaffActions = SagaHistory.TestCase

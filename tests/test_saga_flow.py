@@ -85,7 +85,9 @@ def test_a_step_that_never_answers_is_given_up_and_compensated(saga_stack, setti
     saga_id = start(saga_stack, order_of("sku-silent-once"))
     saga = finished(saga_id)
     assert (saga.status, saga.failure_reason) == ("compensated", "reduce_stock_timed_out")
-    assert commands_sent(saga) == [("stock.reduce", 1), ("stock.restore", 1)]
+    # real time passes here: a slow machine may resend the undo, so the outcome is asserted, not the count
+    sent = commands_sent(saga)
+    assert sent[:2] == [("stock.reduce", 1), ("stock.restore", 1)] and {c for c, _ in sent[1:]} == {"stock.restore"}
     assert ledger_summary(participants).get(saga_id, {"stock_net": 0})["stock_net"] == 0
 
 

@@ -67,7 +67,7 @@ class Stack:
         return service
 
     def start_web(self, *, access_log: bool = True) -> Service:
-        argv = [PYTHON, "-m", "uvicorn", "orchestration_site.asgi:application", "--host", "0.0.0.0",
+        argv = [PYTHON, "-m", "uvicorn", "orchestration_site.asgi:application", "--host", "127.0.0.1",
                 "--port", str(self.web_port), "--lifespan", "off"]
         return self._start("web", argv if access_log else [*argv, "--no-access-log"])
 

@@ -11,6 +11,10 @@ fault-injection suite, so they follow the contract's rules strictly and record e
 - a command whose envelope is broken (not JSON, no saga_id/command/attempt) is logged and dropped;
   a forward command with a valid envelope but an unusable payload fails with "invalid_payload".
 
+The ledger also keeps, for the fault suite's checker, every command received (per saga, command
+and attempt, one row per delivery), and it takes one fault: `refuse_compensations` makes a
+participant answer compensations with a failure for a while.
+
 State lives in one SQLite ledger file that the three services share (they are separate services
 that happen to keep their books in one file, so checkers can read it), written with sqlite3
 directly, one connection per thread. `handle_command` is the whole behaviour without a broker;
@@ -78,8 +82,16 @@ CREATE TABLE IF NOT EXISTS ledger (
     id INTEGER PRIMARY KEY AUTOINCREMENT, at TEXT NOT NULL, saga_id TEXT NOT NULL, participant TEXT NOT NULL,
     effect TEXT NOT NULL, product_id TEXT, quantity INTEGER, amount TEXT, currency TEXT, reference TEXT);
 CREATE INDEX IF NOT EXISTS ledger_by_saga ON ledger (saga_id, participant);
+-- every command with a usable envelope, one row per delivery: the fault checker counts these
+-- against the commands the orchestrator's timeline says it sent
+CREATE TABLE IF NOT EXISTS received (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, at TEXT NOT NULL, saga_id TEXT NOT NULL, command TEXT NOT NULL,
+    attempt INTEGER NOT NULL);
+-- a participant told to refuse compensations until `until` (epoch seconds): a fault of the fault suite
+CREATE TABLE IF NOT EXISTS refusals (participant TEXT PRIMARY KEY, until REAL NOT NULL);
 """
-_TABLES = ("products", "replies", "tombstones", "dropped", "ledger")
+_TABLES = ("products", "replies", "tombstones", "dropped", "ledger", "received", "refusals")
+COMPENSATION_REFUSED = "compensation_refused"
 
 
 def default_ledger_path() -> Path:
@@ -150,8 +162,44 @@ class Ledger:
                 entry["orders_open"] += 1 if effect == "order_created" else -1
         return totals
 
+    def received(self) -> dict[tuple[str, str, int], int]:
+        """How many deliveries of each (saga_id, command, attempt) the participants took in."""
+        return {(saga_id, command, attempt): count for saga_id, command, attempt, count in self.db.execute(
+            "SELECT saga_id, command, attempt, COUNT(*) FROM received GROUP BY saga_id, command, attempt")}
+
+    def refuse_compensations(self, *, participant: str, until: float) -> None:
+        with self.transaction() as db:
+            db.execute("INSERT OR REPLACE INTO refusals (participant, until) VALUES (?, ?)", (participant, until))
+
     def close(self) -> None:
         self.db.close()
+
+
+@dataclass(frozen=True)
+class LedgerEvidence:
+    """What the participants' books say, for a checker that compares them with the orchestrator's."""
+
+    summary: dict[str, dict]
+    effects: list[dict]
+    received: dict[tuple[str, str, int], int]
+
+
+def read_evidence(path: str | Path) -> LedgerEvidence:
+    ledger = Ledger(path)
+    try:
+        return LedgerEvidence(ledger.summary(), ledger.effects(), ledger.received())
+    finally:
+        ledger.close()
+
+
+def refuse_compensations(path: str | Path, *, participant: str, seconds: float) -> None:
+    """From now on and for `seconds`, `participant` answers every compensation with a failure
+    (no effect), as a service that cannot undo anything for a while. Lapses by itself."""
+    ledger = Ledger(path)
+    try:
+        ledger.refuse_compensations(participant=participant, until=time.time() + seconds)
+    finally:
+        ledger.close()
 
 
 def ledger_summary(path: str | Path) -> dict[str, dict]:
@@ -387,17 +435,20 @@ def handle_command(ledger: Ledger, body: object) -> dict | None:
     """The reply body for one decoded command body, or None when no reply is sent.
 
     No reply for a broken envelope, an unknown command, or a stock.reduce that sku-silent-once
-    loses. The decision and its effects are one ledger transaction.
+    loses. The receipt, the decision and its effects are one ledger transaction.
     """
     command = parse_command(body)
     if command is None:
         log.warning("malformed command dropped", extra={"body": repr(body)[:200]})
         return None
     rules = RULES_BY_COMMAND.get(command.name)
-    if rules is None:
-        log.warning("unknown command dropped", extra=command.log_fields())
-        return None
     with ledger.transaction() as db:
+        # counted even when dropped: the checker compares what arrived with what was sent
+        db.execute("INSERT INTO received (at, saga_id, command, attempt) VALUES (?, ?, ?, ?)",
+                   (_now(), command.saga_id, command.name, command.attempt))
+        if rules is None:
+            log.warning("unknown command dropped", extra=command.log_fields())
+            return None
         if command.name == rules.forward:
             outcome, effect = _forward(db, rules, command)
         else:
@@ -438,6 +489,11 @@ def _forward(db: sqlite3.Connection, rules: ParticipantRules, command: Command) 
 def _compensate(db: sqlite3.Connection, rules: ParticipantRules, command: Command) -> tuple[Outcome, str]:
     # Decided from the effects, not remembered like a forward reply: a compensation sent again
     # after a late forward effect must still undo it.
+    refused = db.execute(
+        "SELECT 1 FROM refusals WHERE participant = ? AND until > ?", (rules.name, time.time())
+    ).fetchone()
+    if refused:
+        return _failure(COMPENSATION_REFUSED), "refused"
     effects = {
         row[0]
         for row in db.execute(

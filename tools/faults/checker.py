@@ -1,6 +1,11 @@
 """After a run: did every accepted saga finish, did every effect happen exactly as its saga's
-status says, do Redis and the database agree, is nothing left in flight, and does the
+status says (and never twice), did the participants receive exactly the commands the timeline
+says were sent, do Redis and the database agree, is nothing left in flight, and does the
 dead-letter queue hold exactly the poison that was sent?
+
+Outcomes the service may reach only because of a fault must be explained by one in the schedule,
+at the time: a `failed` saga by a participant made to refuse that compensation, an order that
+should have completed but was compensated by timeouts by a fault that delays replies.
 
 Reads the database with plain SQL (psycopg), Redis with redis-py, the participants' ledger
 file, and the broker, so it needs nothing of the service's own code but the ledger reader and
@@ -20,14 +25,34 @@ from decimal import Decimal
 
 import psycopg
 
-from sagas.demo.participants import ledger_summary
+from sagas.demo.participants import read_evidence
+from sagas.engine import GAVE_UP, timed_out_reason
+from sagas.flow import ORDER_SAGA, STEP_BY_COMMAND
 from sagas.messaging import DEAD_LETTER_QUEUE, PARTICIPANT_QUEUES, REPLIES_QUEUE
 from tools.faults import infra
-from tools.faults.orders import FORBIDDEN, Order
+from tools.faults.orders import FORBIDDEN, SHOULD_COMPLETE, Order
+from tools.faults.schedule import DELAYS_REPLIES, REFUSES_COMPENSATIONS
 
 TERMINAL = ("completed", "compensated", "failed")
 EVENTS_QUEUE = "faults.events"  # bound to saga.events by the runner, as a related service would
 ZERO = {"stock_net": 0, "paid_net": Decimal("0"), "orders_open": 0}
+NET_OF_STEP = {"reduce_stock": "stock_net", "take_payment": "paid_net", "create_order": "orders_open"}
+TIMED_OUT = {timed_out_reason(step.name) for step in ORDER_SAGA}
+# how long a fault's effects may outlast it (the backlog it left behind drains meanwhile)
+AFTERMATH_SECONDS = 15.0
+
+
+@dataclass(frozen=True)
+class FaultWindow:
+    """A fault as it happened, in epoch seconds (`end`: when it was over)."""
+
+    kind: str
+    target: str | None
+    start: float
+    end: float
+
+    def overlaps(self, saga: "SagaRow") -> bool:
+        return self.start <= saga.updated_at and saga.created_at <= self.end + AFTERMATH_SECONDS
 
 
 @dataclass
@@ -104,6 +129,15 @@ def unfinished(database_url: str) -> int:
                                   ).fetchone()[0]
 
 
+def sent_commands(database_url: str) -> Counter:
+    """(saga_id, command, attempt) -> how often the timeline says it was sent."""
+    with psycopg.connect(database_url) as connection:
+        rows = connection.execute(
+            "SELECT saga_id, command, attempt, count(*) FROM sagas_timelineentry WHERE kind = 'command'"
+            " GROUP BY saga_id, command, attempt").fetchall()
+    return Counter({(str(saga_id), command, attempt): count for saga_id, command, attempt, count in rows})
+
+
 def redis_states(redis_db: int, saga_ids: list[str]) -> dict[str, tuple[int, str]]:
     """saga_id -> (version, status) for the sagas Redis holds."""
     client = infra.redis_client(redis_db)
@@ -119,9 +153,10 @@ def redis_states(redis_db: int, saga_ids: list[str]) -> dict[str, tuple[int, str
 
 
 def check(*, orders: list[Order], sagas: dict[str, SagaRow], database_url: str, redis_db: int, ledger_path,
-          vhost: str, poison_ids: list[str], died_on_their_own: list[str]) -> CheckReport:
+          vhost: str, poison_ids: list[str], died_on_their_own: list[str], faults: list[FaultWindow]) -> CheckReport:
     """Everything is stopped when this runs: no process changes what it reads. `sagas` is
-    `read_sagas(database_url)`, read by the caller after everything stopped."""
+    `read_sagas(database_url)`, read by the caller after everything stopped; `faults` is what the
+    schedule did, and when."""
     report = CheckReport()
     accepted = [order for order in orders if order.accepted]
     by_saga = {order.saga_id: order for order in accepted}
@@ -150,8 +185,9 @@ def check(*, orders: list[Order], sagas: dict[str, SagaRow], database_url: str, 
     for status in TERMINAL:
         report.add(f"  {status}", statuses.get(status, 0))
 
-    # effects: the ledger must say exactly what the status says
-    ledger = ledger_summary(ledger_path)
+    # effects: the ledger must say exactly what the status says, and nothing may happen twice
+    evidence = read_evidence(ledger_path)
+    ledger = evidence.summary
     mismatches = []
     for saga in sagas.values():
         effects = ledger.get(saga.saga_id, ZERO)
@@ -161,16 +197,21 @@ def check(*, orders: list[Order], sagas: dict[str, SagaRow], database_url: str, 
         elif saga.status == "compensated":
             expected = ZERO
         else:
-            if saga.status == "failed":
-                report.notes.append(f"FAILED saga {saga.saga_id}: {saga.failure_reason}; ledger {_fmt(effects)}")
             continue
         if effects != expected:
             mismatches.append(saga.saga_id)
             report.details.append(f"ledger mismatch: {saga.saga_id} {saga.status} ({saga.failure_reason}):"
                                   f" ledger {_fmt(effects)}, expected {_fmt(expected)}")
     report.add("DUPLICATED/MISSING effects: ledger != status", len(mismatches), 0)
+    doubled = doubled_effects(evidence.effects)
+    report.add("effects applied twice (e.g. a payment taken twice)", len(doubled), 0)
+    report.details.extend(f"applied {count} times: {saga_id} {participant} {effect}{' ' + product if product else ''}"
+                          for (saga_id, participant, effect, product), count in doubled.items())
     strangers = sorted(set(ledger) - set(sagas))
     report.add("ledger effects for sagas not in the database", len(strangers), 0)
+
+    _check_failed(report, sagas, ledger, faults)
+    _check_commands(report, sent_commands(database_url), evidence.received)
 
     wrong = []
     for saga in sagas.values():
@@ -183,6 +224,16 @@ def check(*, orders: list[Order], sagas: dict[str, SagaRow], database_url: str, 
             wrong.append(f"{order.kind} order {saga.saga_id} completed with total {saga.total}, catalogue says {order.expected_total}")
     report.add("impossible outcomes (e.g. declined card completed)", len(wrong), 0)
     report.details.extend(wrong)
+    timed_out = []
+    for saga in sagas.values():
+        order = by_saga.get(saga.saga_id) or by_key.get(saga.idempotency_key)
+        if (order is not None and order.kind in SHOULD_COMPLETE and saga.status == "compensated"
+                and saga.failure_reason in TIMED_OUT
+                and not any(f.kind in DELAYS_REPLIES and f.overlaps(saga) for f in faults)):
+            timed_out.append(f"{order.kind} order {saga.saga_id} compensated ({saga.failure_reason})"
+                             " with no fault that delays replies scheduled during its life")
+    report.add("should-complete orders compensated by timeouts no fault explains", len(timed_out), 0)
+    report.details.extend(timed_out)
     outcome_mix = defaultdict(Counter)
     for order in accepted:
         if order.saga_id in sagas:
@@ -242,6 +293,58 @@ def check(*, orders: list[Order], sagas: dict[str, SagaRow], database_url: str, 
     report.add("processes that died on their own", len(died_on_their_own), 0)
     report.details.extend(f"died on its own: {name}" for name in died_on_their_own)
     return report
+
+
+def doubled_effects(effects: list[dict]) -> dict[tuple, int]:
+    """Effects recorded more than once for one saga (per product, for stock): each participant
+    applies an action and its undo at most once per saga, whatever the repeats and redeliveries."""
+    counts = Counter((e["saga_id"], e["participant"], e["effect"], e["product_id"]) for e in effects)
+    return {key: count for key, count in counts.items() if count > 1}
+
+
+def _check_failed(report: CheckReport, sagas: dict[str, SagaRow], ledger: dict, faults: list[FaultWindow]) -> None:
+    """A `failed` saga is a failure of the run unless a participant the schedule made refuse
+    compensations refused the one it gave up on, while the saga ran. Either way, the steps
+    compensated before the one given up on must be undone in the ledger."""
+    unexplained, unundone = [], []
+    for saga in (s for s in sagas.values() if s.status == "failed"):
+        effects = ledger.get(saga.saga_id, ZERO)
+        report.notes.append(f"FAILED saga {saga.saga_id}: {saga.failure_reason}; ledger {_fmt(effects)}")
+        compensation, gave_up, _ = (saga.failure_reason or "").partition(GAVE_UP)
+        step = STEP_BY_COMMAND.get(compensation) if gave_up else None
+        participant = compensation.split(".", 1)[0]
+        if step is None or not any(f.kind in REFUSES_COMPENSATIONS and f.target == participant and f.overlaps(saga)
+                                   for f in faults):
+            unexplained.append(saga.saga_id)
+            report.details.append(f"failed saga the schedule did not cause: {saga.saga_id} ({saga.failure_reason})")
+        if step is None:
+            continue
+        position = ORDER_SAGA.index(step)
+        left = [s.name for s in ORDER_SAGA[position + 1:] if effects[NET_OF_STEP[s.name]] != ZERO[NET_OF_STEP[s.name]]]
+        if left:
+            unundone.append(saga.saga_id)
+            report.details.append(f"failed saga {saga.saga_id} gave up at {compensation} but {', '.join(left)}"
+                                  f" (compensated before it) is not undone: ledger {_fmt(effects)}")
+    report.add("FAILED sagas the schedule did not cause", len(unexplained), 0)
+    report.add("failed sagas with an effect left that was compensated before", len(unundone), 0)
+
+
+def _check_commands(report: CheckReport, sent: Counter, received: dict[tuple[str, str, int], int]) -> None:
+    """Per (saga, command, attempt): every command the timeline shows sent arrived at least as
+    often, and nothing arrived that it does not show. More arrivals than sends is at-least-once
+    delivery (a redelivery, or a row the outbox relay sent again), reported only."""
+    report.add("commands sent (timeline)", sum(sent.values()))
+    report.add("commands received (participants)", sum(received.values()))
+    strangers = sorted(key for key in received if key not in sent)
+    report.add("commands received that the timeline does not show", len(strangers), 0)
+    lost = sorted(key for key, count in sent.items() if received.get(key, 0) < count)
+    report.add("commands sent that no participant received", len(lost), 0)
+    report.add("  commands received more often than sent (at-least-once)",
+               sum(count - sent[key] for key, count in received.items() if key in sent and count > sent[key]))
+    report.details.extend(f"received, not in the timeline: {saga_id} {command} #{attempt}"
+                          for saga_id, command, attempt in strangers)
+    report.details.extend(f"sent {sent[(saga_id, command, attempt)]}x, received {received.get((saga_id, command, attempt), 0)}x:"
+                          f" {saga_id} {command} #{attempt}" for saga_id, command, attempt in lost)
 
 
 def _fmt(effects: dict) -> str:

@@ -30,6 +30,10 @@ MIX = {"normal": 50, "sold_out": 10, "declined": 10, "slow": 7, "silent_once": 1
 # outcomes that are wrong whatever the faults (a timed-out step may turn any other order into
 # `compensated`, and a late reply can still win the race against its deadline)
 FORBIDDEN = {"sold_out": {"completed"}, "declined": {"completed"}}
+# kinds that complete when nothing goes wrong: compensated by a timeout, one of them needs a fault
+# that delays replies to explain it. Not "slow": its every stock reply comes 1.5 s late, which
+# outlasts the suite's 1 s step timeout unless a backoff makes a later attempt wait longer.
+SHOULD_COMPLETE = frozenset({"normal", "silent_once", "dup"})
 
 
 @dataclass

@@ -18,12 +18,14 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sagas.demo.participants import refuse_compensations
 from sagas.messaging import EVENTS_EXCHANGE, PARTICIPANT_QUEUES, REPLIES_QUEUE
 from tools.faults import infra
 from tools.faults.checker import (
     EVENTS_QUEUE,
     TERMINAL,
     CheckReport,
+    FaultWindow,
     SagaRow,
     check,
     read_sagas,
@@ -37,6 +39,7 @@ from tools.faults.schedule import (
     FLUSH_REDIS,
     KILL_CONSUMER,
     KILL_WEB,
+    REFUSE_COMPENSATIONS,
     RESTART_POSTGRES,
     RESTART_RABBITMQ,
     Fault,
@@ -86,6 +89,7 @@ class Happening:
     started: float = 0.0
     took: float = 0.0
     error: str | None = None
+    fault: Fault | None = None  # None for a poison batch
 
 
 @dataclass
@@ -121,7 +125,9 @@ class ScenarioResult:
         if len(self.report.details) > 60:
             lines.append(f"... and {len(self.report.details) - 60} more problems")
         failed = self.report.row("  failed").value
-        reported = f"; {failed} failed sagas reported above (compensation gave up: staff must act)" if failed else ""
+        caused = failed - self.report.row("FAILED sagas the schedule did not cause").value
+        reported = (f"; {failed} failed sagas reported above (compensation gave up: staff must act),"
+                    f" {caused} of them made so by the schedule's refusals") if failed else ""
         lines.append("RESULT: " + ("all checks passed" if self.ok else
                                    "FAILED: " + ", ".join(r.name for r in self.report.failures)) + reported)
         return "\n".join(lines)
@@ -171,7 +177,7 @@ class Scenario:
             sagas = read_sagas(self.sandbox.database_url)  # nothing runs any more: one read serves both
             report = check(orders=self.orders, sagas=sagas, database_url=self.sandbox.database_url,
                            redis_db=c.redis_db, ledger_path=self.stack.ledger, vhost=self.sandbox.vhost,
-                           poison_ids=self.poison_ids, died_on_their_own=died)
+                           poison_ids=self.poison_ids, died_on_their_own=died, faults=self._fault_windows())
             throughput = self._throughput(load_ended, sagas)
             return ScenarioResult(c, report, throughput, self.happenings, drained_after, self.log_dir)
         finally:
@@ -221,7 +227,8 @@ class Scenario:
             delay = self.load_started + item.at - time.time()
             if delay > 0:
                 time.sleep(delay)
-            happening = Happening(item.at, item.describe(), started=time.time() - self.load_started)
+            happening = Happening(item.at, item.describe(), started=time.time() - self.load_started,
+                                  fault=item if isinstance(item, Fault) else None)
             self.happenings.append(happening)
             began = time.monotonic()
             try:
@@ -252,6 +259,9 @@ class Scenario:
             infra.restart_postgres(fault.down)
         elif fault.kind == FLUSH_REDIS:
             infra.flush_redis(self.config.redis_db)
+        elif fault.kind == REFUSE_COMPENSATIONS:
+            refuse_compensations(self.stack.ledger, participant=fault.target, seconds=fault.down)
+            time.sleep(fault.down)  # faults never overlap: this one lasts until the refusals lapse
         else:
             raise ValueError(f"unknown fault {fault.kind}")
 
@@ -263,6 +273,10 @@ class Scenario:
         self.poison_ids.extend(message.message_id for _, message in messages)
 
     # --- afterwards ------------------------------------------------------------------------------
+
+    def _fault_windows(self) -> list[FaultWindow]:
+        return [FaultWindow(h.fault.kind, h.fault.target, self.load_started + h.started,
+                            self.load_started + h.started + h.took) for h in self.happenings if h.fault]
 
     def _heal(self) -> list[str]:
         """Every shared service up, every process of the service running. Returns the processes
