@@ -91,7 +91,8 @@ class _Watchdog:
                 self._thread = threading.Thread(target=self._run, name="auth-deadlines", daemon=True)
                 self._thread.start()
             heapq.heappush(self._due, (call.deadline, next(self._order), call))
-            self._wake.notify()
+            if self._due[0][2] is call:  # only an earlier deadline than the one it sleeps towards wakes it
+                self._wake.notify()
 
     def _run(self) -> None:
         with self._wake:
