@@ -22,21 +22,19 @@ log = logging.getLogger(__name__)
 
 MAX_HANDLER_TRIES = 3
 TRIES_HEADER = "x-saga-handler-tries"
+TRIES_SIGNATURE_HEADER = "x-saga-handler-tries-signature"
 REASON_HEADER = messaging.DEAD_LETTER_REASON
 
 
 def handler_tries(delivery: messaging.Delivery) -> int:
-    """The tries a delivery has had, as we counted them. The header holds the count with our
-    signature over it and the body, so a sender can neither make us retry forever (a negative
-    count) nor skip the tries every message gets (a high one): anything else counts as none."""
-    count, _, signature = str(delivery.headers.get(TRIES_HEADER, "")).partition(".")
-    if count.isascii() and count.isdigit() and int(count) < MAX_HANDLER_TRIES and constant_time_compare(signature, _tries_signature(delivery.body, int(count))):
-        return int(count)
-    return 0
-
-
-def _signed_tries(body: bytes, tries: int) -> str:
-    return f"{tries}.{_tries_signature(body, tries)}"
+    """The tries a delivery has had, as we counted them. Our count comes with our signature over
+    it and the body, so a sender can neither make us retry forever (a negative count) nor skip
+    the tries every message gets (a high one): anything else counts as none."""
+    tries, signature = delivery.headers.get(TRIES_HEADER), delivery.headers.get(TRIES_SIGNATURE_HEADER)
+    if (isinstance(tries, bool) or not isinstance(tries, int) or not 0 < tries < MAX_HANDLER_TRIES
+            or not isinstance(signature, str) or not constant_time_compare(signature, _tries_signature(delivery.body, tries))):
+        return 0
+    return tries
 
 
 def _tries_signature(body: bytes, tries: int) -> str:
@@ -156,7 +154,8 @@ class SagaConsumer:
             return self.dead_letter(delivery, f"handler failed {tries} times: {error!r}", saga_id=saga_id)
         self.broker.publish(exchange="", routing_key=messaging.REPLIES_QUEUE, body=delivery.body,
                             message_id=delivery.message_id, correlation_id=delivery.correlation_id,
-                            headers={**delivery.headers, TRIES_HEADER: _signed_tries(delivery.body, tries)})
+                            headers={**delivery.headers, TRIES_HEADER: tries,
+                                     TRIES_SIGNATURE_HEADER: _tries_signature(delivery.body, tries)})
 
     def dead_letter(self, delivery: messaging.Delivery, reason: str, *, saga_id: str | None) -> None:
         """Set the message aside with the reason; on its saga's timeline too, when it names one we know."""

@@ -13,7 +13,7 @@ import pytest
 import requests
 
 from sagas import messaging, outbox, services
-from sagas.consumer import MAX_HANDLER_TRIES, TRIES_HEADER, SagaConsumer
+from sagas.consumer import MAX_HANDLER_TRIES, TRIES_HEADER, TRIES_SIGNATURE_HEADER, SagaConsumer
 from tests import hostile_bus
 from sagas.models import OutboxMessage, Saga, TimelineEntry
 from tests.conftest import ORDER, database_url, in_thread, finished, wait_for
@@ -153,7 +153,7 @@ def test_a_forged_tries_header_neither_loops_nor_skips_the_handler(replies_consu
         raise RuntimeError("a bug in the handler")
 
     monkeypatch.setattr(services, "handle_reply", failing)
-    hostile_bus.publish_round([hostile_bus.Outgoing(hostile_bus.good_reply(saga_id), headers={TRIES_HEADER: tries})])
+    hostile_bus.publish_round([hostile_bus.Outgoing(hostile_bus.good_reply(saga_id), headers={TRIES_HEADER: tries, TRIES_SIGNATURE_HEADER: "forged"})])
     broker = messaging.Broker()
     (dead,) = dead_letters(broker, 1)
     assert f"handler failed {MAX_HANDLER_TRIES} times" in dead.headers["x-dead-letter-reason"]
