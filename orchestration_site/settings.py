@@ -165,6 +165,29 @@ SESSION_EXPIRE_AT_BROWSER_CLOSE = env_bool("SESSION_EXPIRE_AT_BROWSER_CLOSE", Fa
 API_THROTTLE_USER = env_rate("API_THROTTLE_USER")
 API_THROTTLE_ANON = env_rate("API_THROTTLE_ANON")
 
+
+def _participant_users(raw: str | None) -> dict[str, str]:
+    """PARTICIPANT_USERS=stock=stock-svc,payment=pay-svc,order=order-svc: the RabbitMQ user whose
+    replies each participant's commands accept. Unset: any sender is believed."""
+    from sagas.flow import ORDER_SAGA  # plain data, no models: safe before apps load
+
+    if raw is None:
+        return {}
+    participants = {step.command.partition(".")[0] for step in ORDER_SAGA}
+    users = {}
+    for item in raw.split(","):
+        participant, equals, user = (part.strip() for part in item.partition("="))
+        if not equals or not user or participant not in participants or participant in users:
+            raise ConfigError(f"PARTICIPANT_USERS must be participant=user pairs, one for each of "
+                              f"{', '.join(sorted(participants))}, got {raw!r}")
+        users[participant] = user
+    if set(users) != participants:
+        raise ConfigError(f"PARTICIPANT_USERS names no user for {', '.join(sorted(participants - set(users)))}")
+    return users
+
+
+PARTICIPANT_USERS = _participant_users(env_str("PARTICIPANT_USERS"))
+
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": ["sagas.auth.BearerTokenAuthentication"],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import struct
 import time
 import uuid
 from collections.abc import Callable
@@ -16,6 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import pika
+import pika.data
 import pika.exceptions
 from django.conf import settings
 
@@ -30,6 +32,8 @@ DEAD_LETTER_QUEUE = "saga.replies.dead"
 # consumer's set-aside publish and stop it on the first bad message over the limit.)
 DEAD_LETTER_LIMIT = 100_000
 DEAD_LETTER_POLICY = "saga-dead-letter-limit"
+DEAD_LETTER_REASON = "x-dead-letter-reason"
+MAX_REASON_CHARS = 1000
 PARTICIPANT_QUEUES = {
     "stock.commands": "stock.*",
     "payment.commands": "payment.*",
@@ -66,6 +70,10 @@ CONNECTION_ERRORS = (pika.exceptions.AMQPError, OSError)
 
 class _DeadlinePassed(pika.exceptions.AMQPConnectionError):
     pass
+# Headers we copy onto a message we publish again (dead letter, retry): beyond this they are
+# dropped, so a sender's huge table cannot push our own publish over the broker's frame size.
+MAX_COPIED_HEADERS_BYTES = 8 * 1024
+HEADERS_DROPPED = "x-original-headers-dropped"
 
 
 @dataclass(frozen=True)
@@ -76,19 +84,59 @@ class Delivery:
     correlation_id: str | None
     reply_to: str | None
     redelivered: bool
+    # headers safe to publish again: pika encodes them, within MAX_COPIED_HEADERS_BYTES
     headers: dict = field(default_factory=dict)
+    # the AMQP user_id property; RabbitMQ refuses a message whose user_id is not its connection's user
+    user_id: str | None = None
 
 
 def _delivery(method, properties, body: bytes) -> Delivery:
     return Delivery(
         body=body,
         routing_key=method.routing_key,
-        message_id=properties.message_id,
-        correlation_id=properties.correlation_id,
-        reply_to=properties.reply_to,
+        message_id=_text(properties.message_id),
+        correlation_id=_text(properties.correlation_id),
+        reply_to=_text(properties.reply_to),
         redelivered=method.redelivered,
-        headers=dict(properties.headers or {}),
+        headers=_copyable_headers(properties.headers),
+        user_id=_text(properties.user_id),
     )
+
+
+def _text(value) -> str | None:
+    # pika hands over a short string that is not UTF-8 as bytes; none of ours is like that
+    return value if isinstance(value, str) else None
+
+
+def _copyable_headers(headers: dict | None) -> dict:
+    if not headers:
+        return {}
+    try:
+        pieces: list[bytes] = []
+        size = pika.data.encode_table(pieces, headers)
+    except Exception as error:  # any value pika cannot encode again (a Decimal out of range, ...)
+        return {HEADERS_DROPPED: f"not encodable: {type(error).__name__}"}
+    if size > MAX_COPIED_HEADERS_BYTES:
+        return {HEADERS_DROPPED: f"{size} bytes, over {MAX_COPIED_HEADERS_BYTES}"}
+    return dict(headers)
+
+
+UNDECODABLE_TABLE = "x-undecodable-table"
+_pika_decode_table = pika.data.decode_table
+
+
+def _decode_table_or_mark(encoded: bytes, offset: int):
+    """pika's decode_table, except that a table it cannot decode becomes a marker instead of
+    ending the connection: a sender's header with, say, a timestamp beyond year 9999 made pika
+    drop the connection on every redelivery, so one message stopped every consumer for good."""
+    try:
+        return _pika_decode_table(encoded, offset)
+    except Exception:  # the table's length prefix still tells where the rest of the frame starts
+        size = struct.unpack_from(">I", encoded, offset)[0]
+        return {UNDECODABLE_TABLE: True}, offset + 4 + size
+
+
+pika.data.decode_table = _decode_table_or_mark
 
 
 def connection_parameters(*, heartbeat: int = 30) -> pika.ConnectionParameters:
@@ -272,6 +320,7 @@ class Broker:
         tick_seconds: float = 0.2,
         busy_tick: Callable[[], None] | None = None,
         handle_batch: Callable[[list[Delivery]], set[int]] | None = None,
+        dead_letter_queue: str | None = None,
     ) -> None:
         """Deliver messages to `handle` until `should_stop()`; ack each after `handle` returns.
 
@@ -282,6 +331,9 @@ class Broker:
         Deliveries come in rounds: those that arrived together. `handle_batch` (if given) first sees
         each round together and returns the positions of those it handled; these are acked without
         `handle`. A lost connection is reopened with backoff; unacked messages come back by themselves.
+        Any other exception from `handle` or `handle_batch` stays with its delivery: with a
+        `dead_letter_queue` the message is set aside there with the error as its reason, never
+        put back to fail again (without one: put back after a pause, the old behaviour).
         """
         last_tick = time.monotonic()
 
@@ -293,7 +345,14 @@ class Broker:
 
         def settle(channel, deliveries: list[tuple[int, Delivery]]) -> None:
             """Handle one round of deliveries and ack, or put back, each of them."""
-            handled = handle_batch([d for _, d in deliveries]) if handle_batch and len(deliveries) > 1 else set()
+            handled = set()
+            if handle_batch and len(deliveries) > 1:
+                try:
+                    handled = handle_batch([d for _, d in deliveries])
+                except CONNECTION_ERRORS + (BrokerUnavailable,):
+                    raise
+                except Exception:  # each delivery is then handled alone, with its own error handling
+                    log.exception("batch handler failed; handling the round one by one", extra={"queue": queue_name})
             for position, (tag, delivery) in enumerate(deliveries):
                 if position in handled:
                     channel.basic_ack(tag)
@@ -310,11 +369,15 @@ class Broker:
                     continue
                 except CONNECTION_ERRORS + (BrokerUnavailable,):
                     raise
-                except Exception:
-                    log.exception("message handler failed; message put back", extra={"queue": queue_name})
-                    channel.basic_nack(tag, requeue=True)
-                    time.sleep(1.0)
-                    continue
+                except Exception as error:
+                    if dead_letter_queue is None:
+                        log.exception("message handler failed; message put back", extra={"queue": queue_name})
+                        channel.basic_nack(tag, requeue=True)
+                        time.sleep(1.0)
+                        continue
+                    log.exception("message handler failed; message set aside", extra={"queue": queue_name})
+                    self.publish(exchange="", routing_key=dead_letter_queue, body=delivery.body,
+                                 headers={**delivery.headers, DEAD_LETTER_REASON: f"handler raised {error!r}"[:MAX_REASON_CHARS]})
                 channel.basic_ack(tag)
                 busy()
 

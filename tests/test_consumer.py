@@ -4,6 +4,7 @@ import collections
 import json
 import os
 import signal
+import struct
 import subprocess
 import sys
 import threading
@@ -11,8 +12,9 @@ import threading
 import pytest
 import requests
 
-from sagas import messaging
-from sagas.consumer import SagaConsumer
+from sagas import messaging, outbox, services
+from sagas.consumer import MAX_HANDLER_TRIES, TRIES_HEADER, TRIES_SIGNATURE_HEADER, SagaConsumer
+from tests import hostile_bus
 from sagas.models import OutboxMessage, Saga, TimelineEntry
 from tests.conftest import ORDER, database_url, in_thread, finished, wait_for
 from tools.stack import ROOT, Stack, free_port
@@ -89,3 +91,107 @@ def test_with_the_database_away_create_order_answers_503(tmp_path, auth_service)
         assert "nothing was started" in json.loads(response.content)["detail"]
     finally:
         stack.stop_all()
+
+
+# --- the outage of issue 8: one hostile reply must not stop or block the consumer -------------
+
+
+def applied_replies(saga_ids):
+    return TimelineEntry.objects.filter(saga_id__in=saga_ids, kind="reply", applied=True).count()
+
+
+def dead_letters(broker, count):
+    taken = []
+    wait_for(lambda: taken.extend(broker.drain(messaging.DEAD_LETTER_QUEUE)) or len(taken) >= count,
+             what=f"{count} dead letters")
+    return taken
+
+
+@pytest.fixture
+def replies_consumer(transactional_db, consumer):
+    """The consumer thread, on the real broker and database, and a broker to read its dead letters."""
+    broker = messaging.Broker()
+    yield consumer
+    broker.close()
+
+
+@pytest.mark.parametrize("nested", [
+    b'{"a":' * 700 + b"1" + b"}" * 700,  # ~5 KB; the 2 KB one of the report: 1000 brackets
+    b"[" * 2000,
+    hostile_bus.good_reply("6f1c1a8e-4c6f-4d7e-9a55-0c3b2f3d9e11")[:-1] + b',"x":' + b"[" * 1000 + b"]" * 1000 + b"}",
+])
+def test_a_deeply_nested_reply_is_set_aside_and_the_consumer_carries_on(replies_consumer, nested):
+    saga_ids = hostile_bus.awaiting_sagas(2)
+    hostile_bus.publish_round([hostile_bus.Outgoing(nested)] * 2 + [hostile_bus.Outgoing(hostile_bus.good_reply(s)) for s in saga_ids])
+    broker = messaging.Broker()
+    dead = dead_letters(broker, 2)
+    assert [d.body for d in dead] == [nested, nested]
+    assert all("nested deeper" in d.headers["x-dead-letter-reason"] for d in dead)
+    wait_for(lambda: applied_replies(saga_ids) == 2, what="the good replies behind it")
+    assert replies_consumer.dead_lettered == 2
+    broker.close()
+
+
+def test_a_header_pika_cannot_decode_does_not_cut_the_connection_forever(replies_consumer):
+    saga_ids = hostile_bus.awaiting_sagas(2)
+    hostile_bus.publish_round([
+        hostile_bus.Outgoing(hostile_bus.good_reply(saga_ids[0]), headers={"when": hostile_bus.huge_timestamp()}),
+        hostile_bus.Outgoing(hostile_bus.good_reply(saga_ids[1])),
+    ])
+    wait_for(lambda: applied_replies(saga_ids) == 2, what="both replies applied")
+    assert messaging.Broker().drain(messaging.DEAD_LETTER_QUEUE) == []
+
+
+@pytest.mark.parametrize("tries", ["junk", 2, "2", "2.forged-signature", "²", -1, -(2**62), 2**62, hostile_bus.Raw(struct.pack(">cd", b"d", 2.5)), None, [1], {"n": 1}, b"\xff", True])
+def test_a_forged_tries_header_neither_loops_nor_skips_the_handler(replies_consumer, monkeypatch, tries):
+    saga_id, = hostile_bus.awaiting_sagas(1)
+    calls = []
+    real = services.handle_reply
+
+    def failing(**kwargs):
+        calls.append(kwargs["saga_id"])
+        raise RuntimeError("a bug in the handler")
+
+    monkeypatch.setattr(services, "handle_reply", failing)
+    hostile_bus.publish_round([hostile_bus.Outgoing(hostile_bus.good_reply(saga_id), headers={TRIES_HEADER: tries, TRIES_SIGNATURE_HEADER: "forged"})])
+    broker = messaging.Broker()
+    (dead,) = dead_letters(broker, 1)
+    assert f"handler failed {MAX_HANDLER_TRIES} times" in dead.headers["x-dead-letter-reason"]
+    assert calls == [saga_id] * MAX_HANDLER_TRIES  # each counted try, no more, no fewer
+    monkeypatch.setattr(services, "handle_reply", real)
+    broker.close()
+
+
+def test_a_handler_bug_for_one_reply_leaves_the_rest_of_its_round_applied(replies_consumer, monkeypatch):
+    saga_ids = hostile_bus.awaiting_sagas(4)
+    doomed = saga_ids[1]
+    real_one, real_many = services.handle_reply, services.handle_replies
+
+    def handle_reply(**kwargs):
+        if kwargs["saga_id"] == doomed:
+            raise KeyError("a bug that only this reply meets")
+        return real_one(**kwargs)
+
+    def handle_replies(replies):
+        raise TypeError("the batched path has a bug too")
+
+    monkeypatch.setattr(services, "handle_reply", handle_reply)
+    monkeypatch.setattr(services, "handle_replies", handle_replies)
+    hostile_bus.publish_round([hostile_bus.Outgoing(hostile_bus.good_reply(s)) for s in saga_ids])
+    broker = messaging.Broker()
+    (dead,) = dead_letters(broker, 1)
+    assert dead.body == hostile_bus.good_reply(doomed)
+    assert "KeyError" in dead.headers["x-dead-letter-reason"]
+    wait_for(lambda: applied_replies(saga_ids) == 3, what="the other three applied")
+    assert TimelineEntry.objects.filter(saga_id=doomed, kind="dead_letter").exists()
+    broker.close()
+
+
+def test_headers_we_cannot_copy_are_dropped_from_the_dead_letter_not_the_reason(replies_consumer):
+    huge = {f"h{n}": "x" * 1000 for n in range(100)}  # ~100 KB: with our reason over the frame size
+    body = b"not json"
+    hostile_bus.publish_round([hostile_bus.Outgoing(body, headers=huge, message_id=b"\xff\xfe", correlation_id="\x00")])
+    (dead,) = dead_letters(messaging.Broker(), 1)
+    assert dead.body == body
+    assert "not valid UTF-8 JSON" in dead.headers["x-dead-letter-reason"]
+    assert "over" in dead.headers[messaging.HEADERS_DROPPED]
