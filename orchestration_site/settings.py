@@ -208,7 +208,8 @@ REST_FRAMEWORK = {
 }
 SPECTACULAR_SETTINGS = {
     "TITLE": "Order orchestration API",
-    "DESCRIPTION": "Starts order sagas and reports their progress. See ../shared/contract.md.",
+    "DESCRIPTION": ("Starts order sagas and reports their progress. The whole interface, HTTP and messages, is "
+                    "docs/contract.md in this repository; the messages as AsyncAPI: docs/asyncapi.yaml."),
     "VERSION": "1.0.0",
     "SERVE_INCLUDE_SCHEMA": False,
     "SWAGGER_UI_DIST": "SIDECAR",

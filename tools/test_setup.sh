@@ -8,6 +8,12 @@ if [ ! -x /usr/bin/chromium ]; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y chromium
 fi
 
+# tests/test_docs.py checks docs/alerts.yml with promtool, which comes with Debian's prometheus.
+if ! command -v promtool >/dev/null; then
+    apt-get update
+    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends prometheus
+fi
+
 # The tests purge the contract's queues: give them a RabbitMQ vhost of their own, so a demo or
 # another service on the default vhost is not disturbed.
 vhost=${RABBITMQ_VHOST:-orchestrator-tests}
