@@ -14,7 +14,7 @@ import requests
 from sagas import messaging
 from sagas.consumer import SagaConsumer
 from sagas.models import OutboxMessage, Saga, TimelineEntry
-from tests.conftest import ORDER, database_url, in_thread, finished, wait_for
+from tests.conftest import ORDER, database_url, finished, in_thread, wait_for
 from tools.stack import ROOT, Stack, free_port
 
 pytestmark = [pytest.mark.integration]
