@@ -1,4 +1,9 @@
-FROM python:3.11-slim
+# Two images from one file:
+#   docker build --target runtime -t orchestrator .      the service, what production runs
+#   docker build --target demo -t orchestrator-demo .    + the demo neighbours (docker compose --profile demo)
+# The runtime image holds the service only: the demo participants and auth service (sagas/demo),
+# its commands, tools/ and tests/ are left in the `source` stage, never in one of its layers.
+FROM python:3.11-slim AS base
 
 # The seed's build arguments that are not secret, kept as the image's defaults; each can be
 # overridden with `docker run -e` too. Secrets are not build arguments: a build argument's value
@@ -18,17 +23,37 @@ ENV RABBITMQ_HOST=$RABBITMQ_HOST RABBITMQ_PORT=$RABBITMQ_PORT RABBITMQ_USER=$RAB
     REDIS_HOST=$REDIS_HOST REDIS_PORT=$REDIS_PORT REDIS_DB=$REDIS_DB \
     AUTHERIZATION_SERVER_HOST=$AUTHERIZATION_SERVER_HOST AUTHERIZATION_SERVER_PORT=$AUTHERIZATION_SERVER_PORT \
     PORT=7001 PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
-
 WORKDIR /app
-COPY requirements.txt .
-RUN pip install --no-cache-dir -r requirements.txt
-COPY . .
-RUN DJANGO_DEBUG=1 python manage.py collectstatic --no-input \
-    && useradd --create-home --uid 10001 app && chown -R app /app
-USER app
+RUN useradd --create-home --uid 10001 app
 
+# The whole build context, split in two: what production runs, and the demo's part.
+FROM base AS source
+COPY . /src
+RUN mkdir -p /demo/sagas/management/commands \
+    && mv /src/sagas/demo /demo/sagas/demo \
+    && mv /src/sagas/management/commands/run_demo_participants.py /src/sagas/management/commands/create_demo_staff.py \
+          /src/sagas/management/commands/seed_sagas.py /demo/sagas/management/commands/ \
+    && mv /src/tools /demo/tools \
+    && mkdir /service && mv /src/manage.py /src/orchestration_site /src/sagas /service/
+
+FROM base AS runtime
+# the lock's exact files: a package whose hash is not in requirements.txt is refused
+COPY requirements.txt .
+RUN pip install --no-cache-dir --require-hashes -r requirements.txt
+COPY --from=source /service /app
+RUN DJANGO_DEBUG=1 python manage.py collectstatic --no-input && mkdir -p /app/var && chown app /app/var
+USER app
 EXPOSE 7001
 # The web process (HTTP + websockets). Inside the container it listens on every interface;
 # where it is published is the host's choice (docker-compose.yml: 127.0.0.1 only).
 # Run the consumer from the same image with:  python manage.py run_saga_consumer
-CMD ["sh", "-c", "exec uvicorn orchestration_site.asgi:application --host 0.0.0.0 --port ${PORT} --proxy-headers"]
+# The logs of uvicorn itself take the service's format (orchestration_site/logging_config.py).
+CMD ["sh", "-c", "exec uvicorn orchestration_site.asgi:application --host 0.0.0.0 --port ${PORT} --proxy-headers --log-config orchestration_site/uvicorn_logging.json"]
+
+FROM runtime AS demo
+USER root
+COPY requirements-demo.txt .
+RUN pip install --no-cache-dir --require-hashes -r requirements-demo.txt
+COPY --from=source /demo /app
+USER app
+CMD ["python", "manage.py", "run_demo_participants", "--auth-host", "0.0.0.0"]

@@ -5,6 +5,7 @@ from pathlib import Path
 import dj_database_url
 
 from orchestration_site.env import ConfigError, env_bool, env_float, env_int, env_list, env_rate, env_seconds, env_str
+from orchestration_site.logging_config import service_logging
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -242,11 +243,5 @@ SECURE_HSTS_PRELOAD = not DEBUG
 SECURE_CONTENT_TYPE_NOSNIFF = True
 X_FRAME_OPTIONS = "DENY"
 
-LOGGING = {
-    "version": 1,
-    "disable_existing_loggers": False,
-    "formatters": {"logfmt": {"()": "orchestration_site.logfmt.LogfmtFormatter"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "logfmt"}},
-    "root": {"handlers": ["console"], "level": env_str("LOG_LEVEL", default="INFO")},
-    "loggers": {"pika": {"level": "CRITICAL"}},  # sagas.messaging logs what matters
-}
+# One format for every line, uvicorn's included: see orchestration_site/logging_config.py
+LOGGING = service_logging(log_format=env_str("LOG_FORMAT"), level=env_str("LOG_LEVEL"))

@@ -63,9 +63,9 @@ STEP_BY_COMMAND = {command: step for step in ORDER_SAGA for command in (step.com
 
 def build_payload(fields: tuple[str, ...], facts: dict) -> dict:
     payload = {}
-    for field in fields:
-        optional = field.endswith("?")
-        name = field.rstrip("?")
+    for spec in fields:
+        optional = spec.endswith("?")
+        name = spec.rstrip("?")
         if optional and facts.get(name) is None:
             continue
         payload[name] = facts.get(name)

@@ -390,7 +390,8 @@ class Broker:
                 consume_channel.basic_qos(prefetch_count=prefetch)
                 round_: list[tuple[int, Delivery]] = []
                 consume_channel.basic_consume(
-                    queue_name, lambda ch, method, properties, body: round_.append(
+                    # the channel of an earlier turn is closed: no callback of it runs after round_ is rebound
+                    queue_name, lambda ch, method, properties, body: round_.append(  # noqa: B023
                         (method.delivery_tag, _delivery(method, properties, body))))
                 log.info("consuming", extra={"queue": queue_name, "prefetch": prefetch})
                 backoff.reset()

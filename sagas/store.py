@@ -11,7 +11,7 @@ import logging
 from django_redis import get_redis_connection
 from redis.exceptions import RedisError
 
-from sagas.engine import SagaState, TERMINAL, state_from_dict, state_to_dict
+from sagas.engine import TERMINAL, SagaState, state_from_dict, state_to_dict
 
 log = logging.getLogger(__name__)
 

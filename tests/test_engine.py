@@ -3,7 +3,9 @@ import re
 from dataclasses import replace
 
 import pytest
-from hypothesis import event as count_path, settings, strategies as st
+from hypothesis import event as count_path
+from hypothesis import settings
+from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from sagas import engine

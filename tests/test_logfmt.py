@@ -4,7 +4,8 @@ import logging
 import sys
 import unicodedata
 
-from hypothesis import example, given, settings, strategies as st
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from orchestration_site.logfmt import _STANDARD, LogfmtFormatter, parse
 

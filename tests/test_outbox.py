@@ -8,7 +8,9 @@ from datetime import timedelta
 import pytest
 from django.conf import settings
 from django.utils import timezone
-from hypothesis import HealthCheck, given, settings as hypothesis_settings, strategies as st
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 
 from sagas import messaging, outbox
 from sagas.models import OutboxMessage, Saga

@@ -7,7 +7,8 @@ from datetime import timedelta
 import pytest
 from django.core.management import CommandError, call_command
 from django.utils import timezone
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from sagas.management.commands.prune_sagas import age
 from sagas.models import OutboxMessage, Saga, SagaStep, TimelineEntry

@@ -6,9 +6,9 @@ import pytest
 from django_redis import get_redis_connection
 
 from sagas import messaging
-from sagas.store import _key
 from sagas.demo.participants import ledger_summary
 from sagas.models import OutboxMessage, Saga, TimelineEntry
+from sagas.store import _key
 from tests.conftest import ORDER, finished, wait_for
 
 pytestmark = [pytest.mark.integration]

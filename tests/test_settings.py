@@ -5,7 +5,8 @@ import subprocess
 import sys
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from orchestration_site.env import ConfigError, env_str
 from tools.stack import ROOT
@@ -56,7 +57,8 @@ def test_production_settings_pass_the_deploy_checks():
 def settings_of(*names, **env):
     """The named settings, as the process started with only `env` of the DJANGO_/SAGA_/DATABASE_ variables sees them."""
     code = f"from django.conf import settings; import json; print(json.dumps([{', '.join(names)}]))"
-    environment = {k: v for k, v in os.environ.items() if not k.startswith(("DJANGO_", "SAGA_", "DATABASE_", "RABBITMQ_PASSWORD"))}
+    dropped = ("DJANGO_", "SAGA_", "DATABASE_", "RABBITMQ_PASSWORD")
+    environment = {k: v for k, v in os.environ.items() if not k.startswith(dropped)}
     environment.update(env)
     result = subprocess.run([sys.executable, "manage.py", "shell", "-c", code], cwd=ROOT, env=environment,
                             capture_output=True, text=True, timeout=60)

@@ -14,6 +14,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from orchestration_site.logging_config import UVICORN_LOG_CONFIG
+
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 
@@ -68,7 +70,7 @@ class Stack:
 
     def start_web(self, *, access_log: bool = True) -> Service:
         argv = [PYTHON, "-m", "uvicorn", "orchestration_site.asgi:application", "--host", "127.0.0.1",
-                "--port", str(self.web_port), "--lifespan", "off"]
+                "--port", str(self.web_port), "--lifespan", "off", "--log-config", UVICORN_LOG_CONFIG]
         return self._start("web", argv if access_log else [*argv, "--no-access-log"])
 
     def start_consumer(self, number: int = 1) -> Service:

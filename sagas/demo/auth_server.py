@@ -67,10 +67,10 @@ class _AuthServer(ThreadingHTTPServer):
     daemon_threads = True
 
 
-def serve_auth(port: int | None = None) -> ThreadingHTTPServer:
-    """Start the auth service on 127.0.0.1 in a daemon thread and return the running server."""
+def serve_auth(port: int | None = None, *, host: str = "127.0.0.1") -> ThreadingHTTPServer:
+    """Start the auth service on `host` (the loopback unless told) in a daemon thread and return the running server."""
     handler = type("AuthHandler", (_AuthHandler,), {"verify_path": settings.AUTH_VERIFY_PATH})
-    server = _AuthServer(("127.0.0.1", default_auth_port() if port is None else port), handler)
+    server = _AuthServer((host, default_auth_port() if port is None else port), handler)
     threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, name="demo-auth", daemon=True).start()
     log.info("demo auth service listening", extra={"port": server.server_port, "path": handler.verify_path})
     return server

@@ -221,7 +221,8 @@ def check(*, orders: list[Order], sagas: dict[str, SagaRow], database_url: str, 
         if saga.status in FORBIDDEN.get(order.kind, ()):
             wrong.append(f"{order.kind} order {saga.saga_id} ended {saga.status}")
         elif saga.status == "completed" and saga.total != order.expected_total:
-            wrong.append(f"{order.kind} order {saga.saga_id} completed with total {saga.total}, catalogue says {order.expected_total}")
+            wrong.append(f"{order.kind} order {saga.saga_id} completed with total {saga.total},"
+                         f" catalogue says {order.expected_total}")
     report.add("impossible outcomes (e.g. declined card completed)", len(wrong), 0)
     report.details.extend(wrong)
     timed_out = []

@@ -118,7 +118,8 @@ class ScenarioResult:
         lines.append(self.report.table())
         t = self.throughput
         lines.append(f"throughput: accepted {t['accepted_per_s']:.1f}/s over {t['send_seconds']:.1f}s;"
-                     f" finished {t['finished_per_s']:.1f}/s (completed {t['completed_per_s']:.1f}/s) over {t['finish_seconds']:.1f}s;"
+                     f" finished {t['finished_per_s']:.1f}/s (completed {t['completed_per_s']:.1f}/s)"
+                     f" over {t['finish_seconds']:.1f}s;"
                      f" saga latency p50 {t['latency_p50']:.2f}s p95 {t['latency_p95']:.2f}s max {t['latency_max']:.2f}s")
         lines += [f"note: {note}" for note in self.report.notes]
         lines += [f"PROBLEM: {detail}" for detail in self.report.details[:60]]

@@ -19,6 +19,8 @@ class Command(BaseCommand):
         parser.add_argument("--reset", action="store_true", help="forget all effects and restock from the catalogue")
         parser.add_argument("--no-auth", action="store_true", help="do not run the demo auth service")
         parser.add_argument("--auth-port", type=int, help="auth service port (default: from AUTHERIZATION_SERVER_PORT)")
+        # 0.0.0.0 in a container, where the orchestrator calls it from another one (docker-compose.yml)
+        parser.add_argument("--auth-host", default="127.0.0.1", help="address the auth service listens on (default 127.0.0.1)")
 
     def handle(self, *args, **options) -> None:
         ledger_path = options["ledger"] or default_ledger_path()
@@ -34,12 +36,12 @@ class Command(BaseCommand):
         if not options["no_auth"]:
             port = options["auth_port"] or default_auth_port()
             try:
-                auth = serve_auth(port)
+                auth = serve_auth(port, host=options["auth_host"])
             except OSError as error:
                 raise CommandError(f"cannot run the demo auth service on port {port}: {error}") from error
         threads = start_participants(ledger_path=ledger_path, should_stop=stop.is_set)
 
-        auth_note = f"auth on 127.0.0.1:{auth.server_port}" if auth else "no auth service"
+        auth_note = f"auth on {options['auth_host']}:{auth.server_port}" if auth else "no auth service"
         self.stdout.write(f"demo participants running (ledger {ledger_path}, {auth_note}); {describe()}")
 
         try:
