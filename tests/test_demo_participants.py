@@ -12,8 +12,8 @@ from hypothesis import given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
-from sagas.demo.catalogue import PLENTY, PRODUCTS, Product
-from sagas.demo.participants import Ledger, handle_command, ledger_summary, reply_plan, reset_ledger
+from demo.catalogue import PLENTY, PRODUCTS, Product
+from demo.participants import Ledger, handle_command, ledger_summary, reply_plan, reset_ledger
 
 ITEMS = [{"product_id": "sku-1", "quantity": 2}, {"product_id": "sku-2", "quantity": 1}]
 MONEY = {"user_id": "alice", "amount": "44.48", "currency": "EUR", "payment_method": "pm-123"}

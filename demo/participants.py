@@ -40,7 +40,7 @@ from pathlib import Path
 
 from django.conf import settings
 
-from sagas.demo.catalogue import (
+from demo.catalogue import (
     DECLINED_PAYMENT_METHOD,
     DUPLICATE_REPLY_PRODUCT,
     PRODUCTS,

@@ -6,9 +6,9 @@ import threading
 
 from django.core.management.base import BaseCommand, CommandError
 
-from sagas.demo.auth_server import default_auth_port, serve_auth
-from sagas.demo.catalogue import describe
-from sagas.demo.participants import default_ledger_path, reset_ledger, start_participants
+from demo.auth_server import default_auth_port, serve_auth
+from demo.catalogue import describe
+from demo.participants import default_ledger_path, reset_ledger, start_participants
 
 
 class Command(BaseCommand):
