@@ -76,7 +76,7 @@ def machine_cpu() -> tuple[int, int]:
 
 
 OTHER_LOAD_MARKERS = ("run_saga_consumer", "run_demo_participants", "orchestration_site.asgi", "pytest",
-                      "fault_run", "benchmark.py", "raw_chain.py")
+                      "fault_run", "benchmark.py", "raw_chain.py", "lab.benchmark", "lab.raw_chain")
 
 
 def other_stack_processes(own: set[int]) -> list[str]:
