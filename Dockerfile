@@ -1,8 +1,9 @@
 # Two images from one file:
 #   docker build --target runtime -t orchestrator .      the service, what production runs
 #   docker build --target demo -t orchestrator-demo .    + the demo neighbours (docker compose --profile demo)
-# The runtime image holds the service only: the demo participants and auth service (sagas/demo),
-# its commands, tools/ and tests/ are left in the `source` stage, never in one of its layers.
+# The runtime image holds the service only (manage.py, orchestration_site, sagas): the demo app
+# (demo/: participants, auth service, its commands) and its settings go to the demo image; the lab
+# (lab/: benchmark, fault suite) and tests/ stay in the `source` stage, in no image's layers.
 FROM python:3.11-slim AS base
 
 # The seed's build arguments that are not secret, kept as the image's defaults; each can be
@@ -29,11 +30,9 @@ RUN useradd --create-home --uid 10001 app
 # The whole build context, split in two: what production runs, and the demo's part.
 FROM base AS source
 COPY . /src
-RUN mkdir -p /demo/sagas/management/commands \
-    && mv /src/sagas/demo /demo/sagas/demo \
-    && mv /src/sagas/management/commands/run_demo_participants.py /src/sagas/management/commands/create_demo_staff.py \
-          /src/sagas/management/commands/seed_sagas.py /demo/sagas/management/commands/ \
-    && mv /src/tools /demo/tools \
+RUN mkdir -p /demo/orchestration_site \
+    && mv /src/demo /demo/demo \
+    && mv /src/orchestration_site/settings_demo.py /demo/orchestration_site/ \
     && mkdir /service && mv /src/manage.py /src/orchestration_site /src/sagas /service/
 
 FROM base AS runtime
@@ -55,5 +54,7 @@ USER root
 COPY requirements-demo.txt .
 RUN pip install --no-cache-dir --require-hashes -r requirements-demo.txt
 COPY --from=source /demo /app
+# the only settings that install the demo app (its commands refuse to run under any other)
+ENV DJANGO_SETTINGS_MODULE=orchestration_site.settings_demo
 USER app
 CMD ["python", "manage.py", "run_demo_participants", "--auth-host", "0.0.0.0"]

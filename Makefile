@@ -19,8 +19,9 @@ $(VENV)/.installed-dev: requirements.txt requirements-demo.txt requirements-dev.
 	$(PY) -m pip install --quiet --require-hashes -r requirements-dev.txt
 	touch $@ $(VENV)/.installed-demo
 
+# the lab's tools are modules of the lab package, run from the repository root
 run: $(VENV)/.installed-demo
-	$(PY) tools/demo.py
+	$(PY) -m lab.demo
 
 lint: $(VENV)/.installed-dev
 	$(PY) -m ruff check .
@@ -39,7 +40,7 @@ lock: $(VENV)/.installed-dev
 # Not part of the tests: the benchmark and the long fault run (both restart nothing of yours
 # but the fault run restarts this machine's RabbitMQ, Redis and PostgreSQL).
 bench: $(VENV)/.installed-dev
-	$(PY) tools/benchmark.py $(or $(BENCH_ARGS),--sagas 2000 --concurrency 16)
+	$(PY) -m lab.benchmark $(or $(BENCH_ARGS),--sagas 2000 --concurrency 16)
 
 faults: $(VENV)/.installed-dev
-	$(PY) tools/fault_run.py $(or $(FAULT_ARGS),--sagas 2000 --faults 20 --consumers 2 --seed 7)
+	$(PY) -m lab.fault_run $(or $(FAULT_ARGS),--sagas 2000 --faults 20 --consumers 2 --seed 7)

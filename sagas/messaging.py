@@ -415,6 +415,17 @@ class Broker:
                 log.warning("RabbitMQ unavailable, retrying in %.1fs: %r", pause, error, extra={"queue": queue_name})
                 _sleep_unless(should_stop, pause)
 
+    def declare_queue(self, queue_name: str, *, exchange: str, routing_key: str) -> None:
+        """A durable queue bound to `exchange`, for a participant that brings its own queue
+        (declare_topology does not know it). Raises BrokerUnavailable."""
+        channel = self._ensure()
+        try:
+            channel.queue_declare(queue_name, durable=True)
+            channel.queue_bind(queue_name, exchange, routing_key=routing_key)
+        except CONNECTION_ERRORS as error:
+            self.close()
+            raise BrokerUnavailable(f"cannot declare {queue_name}: {error!r}") from error
+
     def bind_temporary_queue(self, exchange: str, routing_key: str) -> str:
         """A private queue bound to `exchange`, gone when this connection closes (for listeners and tests)."""
         channel = self._ensure()

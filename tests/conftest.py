@@ -10,16 +10,16 @@ from django.conf import settings
 from django.db import connection
 from django_redis import get_redis_connection
 
+from demo.auth_server import serve_auth
+from demo.catalogue import CUSTOMER_TOKEN, OTHER_CUSTOMER_TOKEN, STAFF_TOKEN  # noqa: F401 - the tests import them from here
+from demo.participants import start_participants
+from lab.faults import infra
 from sagas import messaging, outbox
 from sagas.consumer import SagaConsumer
-from sagas.demo.auth_server import serve_auth
-from sagas.demo.participants import start_participants
 from sagas.engine import TERMINAL
 from sagas.models import Saga
 from tests.tcp_proxy import StallingProxy
-from tools.faults import infra
 
-CUSTOMER_TOKEN, OTHER_CUSTOMER_TOKEN, STAFF_TOKEN = "demo-alice", "demo-bob", "demo-staff"
 ORDER = {"items": [{"product_id": "sku-1", "quantity": 2}], "currency": "EUR", "payment_method": "pm-123"}
 
 

@@ -1,4 +1,4 @@
-"""Test settings: the production settings, on PostgreSQL and a Redis database of their own."""
+"""Test settings: the production settings, on PostgreSQL and a Redis database of their own, plus the demo app."""
 import os
 
 os.environ.setdefault("DJANGO_SECRET_KEY", "tests-only-not-secret")
@@ -7,6 +7,9 @@ os.environ.setdefault("REDIS_DB", "1")
 os.environ.setdefault("RABBITMQ_VHOST", "orchestrator-tests")  # tools/test_setup.sh creates it
 
 from orchestration_site.settings import *  # noqa: E402,F401,F403
+from orchestration_site.settings import INSTALLED_APPS  # noqa: E402
 
+INSTALLED_APPS = [*INSTALLED_APPS, "demo"]
+DEMO = True  # the demo's commands run here (demo/guard.py)
 STATIC_ROOT = None  # tests serve no collected static files
 WHITENOISE_USE_FINDERS = True

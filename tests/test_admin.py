@@ -449,7 +449,7 @@ def test_compensating_a_compensated_saga_is_refused(support):
 
 @pytest.mark.integration
 def test_compensating_a_completed_saga_from_the_admin_undoes_it_for_real(saga_stack, support, participants):
-    from sagas.demo.participants import ledger_summary
+    from demo.participants import ledger_summary
 
     saga_id = saga_stack.create_order(ORDER).json()["saga_id"]
     assert finished(saga_id).status == "completed"

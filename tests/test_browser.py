@@ -11,9 +11,9 @@ import pytest
 from django.contrib.auth.models import Permission
 from playwright.sync_api import expect, sync_playwright
 
+from lab.stack import ROOT, Stack, free_port
 from sagas.engine import TERMINAL
 from tests.conftest import CUSTOMER_TOKEN, database_url, wait_for
-from tools.stack import ROOT, Stack, free_port
 
 pytestmark = [pytest.mark.browser, pytest.mark.integration]
 

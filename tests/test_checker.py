@@ -18,15 +18,11 @@ from hypothesis import given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
-from sagas import messaging, outbox, services
-from sagas.demo.participants import Ledger, handle_command, read_evidence, refuse_compensations, reply_plan
-from sagas.engine import TERMINAL, Reply
-from sagas.models import Saga, TimelineEntry
-from tests.conftest import database_url
-from tools.faults import infra
-from tools.faults.checker import EVENTS_QUEUE, FaultWindow, check, doubled_effects, read_sagas
-from tools.faults.orders import Order, order_body
-from tools.faults.schedule import (
+from demo.participants import Ledger, handle_command, read_evidence, refuse_compensations, reply_plan
+from lab.faults import infra
+from lab.faults.checker import EVENTS_QUEUE, FaultWindow, check, doubled_effects, read_sagas
+from lab.faults.orders import Order, order_body
+from lab.faults.schedule import (
     FLUSH_REDIS,
     KILL_CONSUMER,
     PARTICIPANTS,
@@ -34,6 +30,10 @@ from tools.faults.schedule import (
     RESTART_RABBITMQ,
     plan_faults,
 )
+from sagas import messaging, outbox, services
+from sagas.engine import TERMINAL, Reply
+from sagas.models import Saga, TimelineEntry
+from tests.conftest import database_url
 
 UNORDERABLE = {"items": [{"product_id": "sku-unorderable", "quantity": 1}], "currency": "EUR", "payment_method": "pm-1"}
 
@@ -49,7 +49,8 @@ class Run:
 
     def order(self, kind: str, body: dict | None = None) -> str:
         number = len(self.orders)
-        order = Order(number, kind, f"checker-{number}", body or order_body(kind, random.Random(number)))
+        order = Order(number=number, kind=kind, key=f"checker-{number}",
+                      body=body or order_body(kind, random.Random(number)))
         saga, _ = services.start_order_saga(user_id="alice", items=order.body["items"], currency="EUR",
                                             payment_method=order.body["payment_method"], idempotency_key=order.key)
         order.saga_id, order.status_code, order.accepted_at = str(saga.pk), 202, time.time()
@@ -310,8 +311,8 @@ def test_plan_faults_names_the_refusing_participant_and_refuses_an_unknown_kind(
 
 
 def test_the_runner_summary_shows_the_new_rows_and_the_failed_sagas_the_schedule_caused(run, tmp_path):
-    from tools.faults.runner import Happening, ScenarioConfig, ScenarioResult
-    from tools.faults.schedule import Fault
+    from lab.faults.runner import Happening, ScenarioConfig, ScenarioResult
+    from lab.faults.schedule import Fault
 
     saga_id = declined_with_stock_stuck(run)
     window = around(saga_id, REFUSE_COMPENSATIONS, "stock")

@@ -12,12 +12,12 @@ import threading
 import pytest
 import requests
 
+from lab.stack import ROOT, Stack, free_port
 from sagas import messaging, services
 from sagas.consumer import MAX_HANDLER_TRIES, TRIES_HEADER, TRIES_SIGNATURE_HEADER, SagaConsumer
 from sagas.models import OutboxMessage, Saga, TimelineEntry
 from tests import hostile_bus
 from tests.conftest import ORDER, database_url, finished, in_thread, wait_for
-from tools.stack import ROOT, Stack, free_port
 
 pytestmark = [pytest.mark.integration]
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tools.stack import ROOT, Stack, free_port
+from lab.stack import ROOT, Stack, free_port
 
 SECRET_NAME = re.compile(r"PASSWORD|SECRET|TOKEN|(^|_)KEY($|_)|CREDENTIAL|DATABASE_URL", re.IGNORECASE)
 # the seed's `docker build --build-arg ...` command (orchestration-service-README.md)
@@ -204,7 +204,7 @@ def test_the_demo_profile_builds_the_demo_image_and_the_service_the_runtime_one(
     assert demo["networks"]["default"]["aliases"] == ["auth-service"]
     argv = shlex.split(demo["command"])
     assert argv[:3] == ["python", "manage.py", "run_demo_participants"]
-    from sagas.management.commands.run_demo_participants import Command
+    from demo.management.commands.run_demo_participants import Command
 
     options = Command().create_parser("manage.py", "run_demo_participants").parse_args(argv[3:])
     assert (options.auth_host, options.auth_port) == ("0.0.0.0", 5206)
@@ -233,21 +233,28 @@ def test_the_images_install_the_locked_files_with_their_hashes(dockerfile):
 
 def test_the_runtime_image_holds_the_service_only(dockerfile, tmp_path):
     """The `source` stage's RUN, played on a copy of the tree: what the runtime stage copies holds
-    no demo, tool or test, and imports none; the demo stage gets them."""
+    no demo, lab or test, and imports none; the demo stage gets the demo app and its settings,
+    and runs them."""
     by_stage = stages(dockerfile)
     runtime_copies = [arguments for name, arguments in by_stage["runtime"] if name in ("COPY", "ADD")]
     assert runtime_copies == ["requirements.txt .", "--from=source /service /app"]
     assert ("COPY", "--from=source /demo /app") in by_stage["demo"]
+    assert declared(by_stage["demo"], "ENV")["DJANGO_SETTINGS_MODULE"] == "orchestration_site.settings_demo"
     split = [arguments for name, arguments in by_stage["source"] if name == "RUN"]
     assert len(split) == 1
     shutil.copytree(ROOT, tmp_path / "src", ignore=shutil.ignore_patterns(".venv", ".git", "var", "__pycache__", "*.sqlite3"))
     script = re.sub(r"(?<![\w.])/(src|demo|service)\b", lambda m: f"{tmp_path}/{m.group(1)}", split[0])
     subprocess.run(["sh", "-c", script], check=True, timeout=60)
-    service = tmp_path / "service"
+    service, demo = tmp_path / "service", tmp_path / "demo"
     assert {path.name for path in service.iterdir()} == {"manage.py", "orchestration_site", "sagas"}
-    assert not (service / "sagas" / "demo").exists()
-    assert (service / "sagas" / "engine.py").exists() and (tmp_path / "demo" / "sagas" / "demo" / "participants.py").exists()
-    assert (tmp_path / "demo" / "tools" / "demo.py").exists()
+    assert not (service / "orchestration_site" / "settings_demo.py").exists()
+    assert (service / "sagas" / "engine.py").exists()
+    assert {path.name for path in demo.iterdir()} == {"demo", "orchestration_site"}
+    assert (demo / "demo" / "participants.py").exists()
+    assert (demo / "demo" / "management" / "commands" / "seed_sagas.py").exists()
+    assert {path.name for path in (demo / "orchestration_site").iterdir()} == {"settings_demo.py"}
     importing = [str(path.relative_to(service)) for path in service.rglob("*.py")
-                 if re.search(r"^\s*(from|import) (sagas\.demo|tools|tests)\b", path.read_text(), re.MULTILINE)]
+                 if re.search(r"^\s*(from|import) (demo|lab|tests)\b", path.read_text(), re.MULTILINE)]
     assert importing == []
+    mentioning = [str(path.relative_to(service)) for path in service.rglob("*.py") if '"demo"' in path.read_text()]
+    assert mentioning == []  # no settings of the runtime image install the demo app

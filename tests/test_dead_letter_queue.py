@@ -9,8 +9,8 @@ import subprocess
 import pytest
 from django.conf import settings
 
+from lab.faults import infra
 from sagas import messaging
-from tools.faults import infra
 
 
 def queue_facts(name: str) -> dict:

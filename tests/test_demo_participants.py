@@ -1,19 +1,33 @@
-"""The demo participants' rules, called without a broker, and the demo auth service over HTTP."""
+"""The demo participants' rules, called without a broker; the Shipping worker over the real broker; the demo
+auth service over HTTP."""
 from __future__ import annotations
 
 import json
+import threading
 import urllib.error
 import urllib.request
 import uuid
 from decimal import Decimal
 
 import pytest
+from django.conf import settings
 from hypothesis import given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
-from sagas.demo.catalogue import PLENTY, PRODUCTS, Product
-from sagas.demo.participants import Ledger, handle_command, ledger_summary, reply_plan, reset_ledger
+from demo.catalogue import PLENTY, PRODUCTS, Product
+from demo.participants import (
+    SHIPPING_QUEUE,
+    Ledger,
+    handle_command,
+    ledger_summary,
+    reply_plan,
+    reset_ledger,
+    start_participants,
+)
+from lab.faults import infra
+from sagas import messaging
+from tests.conftest import wait_for
 
 ITEMS = [{"product_id": "sku-1", "quantity": 2}, {"product_id": "sku-2", "quantity": 1}]
 MONEY = {"user_id": "alice", "amount": "44.48", "currency": "EUR", "payment_method": "pm-123"}
@@ -209,3 +223,93 @@ def test_auth_server_answers_the_contract_over_http(auth_service):
     assert _get(f"{auth_server}/auth/verify", "stolen")[0] == 401
     assert _get(f"{auth_server}/auth/verify")[0] == 401
     assert _get(f"{auth_server}/elsewhere", "demo-alice")[0] == 404
+
+
+# --- Shipping: the fourth participant, for a four-step flow ---
+
+SHIPMENT = {"order_id": "o-123", "items": ITEMS}
+
+
+def test_dispatch_replies_a_shipment_id_and_a_repeat_gets_the_same_reply_and_no_second_effect(ledger, saga_id):
+    first = handle_command(ledger, command(saga_id, "shipping.dispatch", SHIPMENT))
+    again = handle_command(ledger, command(saga_id, "shipping.dispatch", SHIPMENT, attempt=2))
+
+    assert (first["status"], first["reason"]) == ("success", None)
+    assert first["data"]["shipment_id"].startswith("sh-")
+    assert again["attempt"] == 2 and {k: again[k] for k in ("status", "reason", "data")} == {
+        k: first[k] for k in ("status", "reason", "data")}
+    assert [(row["effect"], row["reference"]) for row in ledger.effects(saga_id)] == [
+        ("dispatched", first["data"]["shipment_id"])]
+
+
+def test_recall_undoes_a_dispatch_exactly_once(ledger, saga_id):
+    shipment_id = handle_command(ledger, command(saga_id, "shipping.dispatch", SHIPMENT))["data"]["shipment_id"]
+    recalls = [handle_command(ledger, command(saga_id, "shipping.recall", SHIPMENT, attempt=n)) for n in (1, 2)]
+
+    assert [(r["status"], r["reason"]) for r in recalls] == [("success", None)] * 2
+    assert [(row["effect"], row["reference"]) for row in ledger.effects(saga_id)] == [
+        ("dispatched", shipment_id), ("recalled", shipment_id)]
+
+
+def test_recall_before_dispatch_has_no_effect_and_the_late_dispatch_fails(ledger, saga_id):
+    recall = handle_command(ledger, command(saga_id, "shipping.recall", {"order_id": "o-123"}))
+    late = handle_command(ledger, command(saga_id, "shipping.dispatch", SHIPMENT))
+
+    assert (recall["status"], recall["reason"]) == ("success", None)
+    assert (late["status"], late["reason"]) == ("failure", "already_compensated")
+    assert ledger.effects(saga_id) == []
+
+
+@pytest.mark.parametrize("payload", [{}, {"order_id": "", "items": ITEMS}, {"order_id": 7, "items": ITEMS},
+                                     {"order_id": "o-1"}, {"order_id": "o-1", "items": []}])
+def test_a_dispatch_without_an_order_or_items_fails_with_invalid_payload(ledger, saga_id, payload):
+    reply = handle_command(ledger, command(saga_id, "shipping.dispatch", payload))
+
+    assert (reply["status"], reply["reason"]) == ("failure", "invalid_payload")
+    assert ledger.effects(saga_id) == []
+
+
+@given(st.lists(st.sampled_from(["shipping.dispatch", "shipping.recall"]), min_size=1, max_size=8))
+@hypothesis_settings(max_examples=200, deadline=None)
+def test_any_order_of_dispatch_and_recall_never_ships_twice_and_ends_recalled_once_a_recall_is_last(arrivals):
+    ledger = Ledger(":memory:")
+    arrivals = [*arrivals, "shipping.recall"]  # the orchestrator keeps compensating until it succeeds
+
+    replies = [handle_command(ledger, command("saga-1", name, SHIPMENT, attempt=i + 1)) for i, name in enumerate(arrivals)]
+
+    effects = [row["effect"] for row in ledger.effects()]
+    assert effects.count("dispatched") == effects.count("recalled") <= 1
+    answers = {(r["status"], r["reason"], json.dumps(r["data"])) for r in replies if r["command"] == "shipping.dispatch"}
+    assert len(answers) <= 1  # every repeat of the dispatch got the first answer
+    ledger.close()
+
+
+def test_the_shipping_worker_declares_its_own_queue_and_answers_over_the_broker(tmp_path, saga_id):
+    """The runtime topology does not know shipping.commands: only start_participants(with_shipping=True)
+    declares it, and then a shipping.dispatch published to saga.commands is answered."""
+    vhost = settings.RABBITMQ["vhost"]
+    infra.delete_queue(vhost, SHIPPING_QUEUE)
+    broker = messaging.Broker()
+    reply_queue = broker.bind_temporary_queue("amq.direct", f"tests-shipping-{saga_id}")  # declares the topology too
+    assert not infra.queue_exists(vhost, SHIPPING_QUEUE)
+
+    stop = threading.Event()
+    threads = start_participants(ledger_path=tmp_path / "ledger.sqlite3", should_stop=stop.is_set, with_shipping=True)
+    try:
+        wait_for(lambda: infra.queue_exists(vhost, SHIPPING_QUEUE), timeout=15, what="shipping.commands declared")
+        body = {"saga_id": saga_id, "command": "shipping.dispatch", "attempt": 1, "payload": SHIPMENT}
+        broker.publish(exchange=messaging.COMMANDS_EXCHANGE, routing_key="shipping.dispatch",
+                       body=messaging.encode(body), correlation_id=saga_id, reply_to=reply_queue)
+        replies = wait_for(lambda: broker.drain(reply_queue), timeout=15, what="the shipping reply")
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=10)
+        broker.close()
+        infra.delete_queue(vhost, SHIPPING_QUEUE)
+    assert not [t.name for t in threads if t.is_alive()], "participants did not stop within 10 s"
+    assert [thread.name for thread in threads][-1] == f"demo-{SHIPPING_QUEUE}"
+    [reply] = replies
+    answer = json.loads(reply.body)
+    assert (answer["saga_id"], answer["command"], answer["status"]) == (saga_id, "shipping.dispatch", "success")
+    assert answer["data"]["shipment_id"].startswith("sh-") and reply.correlation_id == saga_id

@@ -4,7 +4,7 @@ Web, two consumers and the demo participants run as real processes; about 150 or
 HTTP while a seeded schedule kills a consumer and the web process, restarts RabbitMQ and
 PostgreSQL, flushes Redis, and publishes poison replies. Then every service is healed, the sagas
 drain, and the checker's table must be all zeros. The run has its own database, Redis db and
-vhost. Its speed is not asserted (that is tools/fault_run.py's job). The consume-loop tests at
+vhost. Its speed is not asserted (that is lab/fault_run.py's job). The consume-loop tests at
 the end pin down two bugs the fault run found in sagas.messaging.
 
     .venv/bin/python -m pytest tests/test_faults.py -m faults -s       # FAULT_SEED=<n> to repeat a run
@@ -16,10 +16,10 @@ import time
 
 import pytest
 
+from lab.faults.runner import ScenarioConfig, run_scenario
+from lab.faults.schedule import FAULT_KINDS
 from sagas import messaging
 from tests.conftest import wait_for
-from tools.faults.runner import ScenarioConfig, run_scenario
-from tools.faults.schedule import FAULT_KINDS
 
 pytestmark = [pytest.mark.faults]
 

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from tools.stack import ROOT
+from lab.stack import ROOT
 
 UV = [sys.executable, "-m", "uv"]
 # what each file holds, as the Makefile's `lock` target exports it

@@ -9,11 +9,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from lab.stack import ROOT, Stack, free_port
 from orchestration_site.env import ConfigError
 from orchestration_site.logfmt import LogfmtFormatter, parse
 from orchestration_site.logging_config import JsonFormatter, WithoutColour, service_logging
 from tests.test_logfmt import any_text, extra_keys, record
-from tools.stack import ROOT, Stack, free_port
 
 PARSERS = {"logfmt": parse, "json": json.loads}
 

@@ -12,10 +12,10 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
+from lab.faults import infra
 from sagas import messaging, outbox
 from sagas.models import OutboxMessage, Saga
 from tests.conftest import wait_for
-from tools.faults import infra
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db]
 

@@ -1,4 +1,4 @@
-"""`make run`'s preflight (tools/demo.py): a dependency that does not answer is named with the way
+"""`make run`'s preflight (lab/demo.py): a dependency that does not answer is named with the way
 to start it, and nothing is started; a bad configuration value is one line, not a traceback."""
 import os
 import subprocess
@@ -6,15 +6,14 @@ import sys
 
 import pytest
 
-from tools.stack import ROOT, free_port
+from lab.stack import ROOT, free_port
 
 
 def run_demo(tmp_path, **env) -> subprocess.CompletedProcess:
     # SQLite in tmp_path unless the test says otherwise: the checks of the other two stand alone
-    environment = {**os.environ, "DATABASE_URL": f"sqlite:///{tmp_path / 'demo.sqlite3'}", "PORT": str(free_port()),
-                   "DJANGO_SETTINGS_MODULE": "orchestration_site.settings", **env}
+    environment = {**os.environ, "DATABASE_URL": f"sqlite:///{tmp_path / 'demo.sqlite3'}", "PORT": str(free_port()), **env}
     # a deadline: a preflight that hung, or a demo that started, fails here instead of waiting forever
-    return subprocess.run([sys.executable, "tools/demo.py"], cwd=ROOT, env=environment, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "lab.demo"], cwd=ROOT, env=environment, capture_output=True, text=True,
                           timeout=60)
 
 

@@ -5,8 +5,8 @@ from decimal import Decimal
 import pytest
 from django_redis import get_redis_connection
 
+from demo.participants import ledger_summary
 from sagas import messaging
-from sagas.demo.participants import ledger_summary
 from sagas.models import OutboxMessage, Saga, TimelineEntry
 from sagas.store import _key
 from tests.conftest import ORDER, finished, wait_for

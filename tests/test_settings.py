@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from lab.stack import ROOT
 from orchestration_site.env import ConfigError, env_str
-from tools.stack import ROOT
 
 
 def start(*args, **env):

@@ -1,16 +1,17 @@
 """Benchmark of the order saga orchestrator against the raw broker, on the real stack.
 
-    python tools/benchmark.py --sagas 2000 --concurrency 16 [--consumers 1] [--rss-growth]
+    python -m lab.benchmark --sagas 2000 --concurrency 16 [--consumers 1] [--rss-growth]
 
-Starts the service as production runs it (tools/stack.py: uvicorn without access log, K saga
+Starts the service as production runs it (lab/stack.py: uvicorn without access log, K saga
 consumers, the demo participants and auth service; DJANGO_DEBUG=0, a generated secret key,
-PostgreSQL) on its own database, Redis db and RabbitMQ vhost, which it empties first. Then:
+PostgreSQL) in a sandbox of its own (lab/sandbox.py: database, Redis db, RabbitMQ vhost), which
+it empties first. Then:
 
 1. saga throughput: N normal orders (sku-1) through `POST /orders/create_order`, C clients, each
    keeping one saga in flight (it posts, waits for the saga's terminal event on `saga.events`,
    posts the next). Latency: from the POST being sent to the terminal event being received.
 2. one saga in flight: the same with one client (--single sagas), for the p50 at one in flight.
-3. the raw broker baseline (tools/raw_chain.py, one process): 3-step command/reply chains
+3. the raw broker baseline (lab/raw_chain.py, one process): 3-step command/reply chains
    against the same participants with the same messaging and no state, C in flight and 1 in flight.
 4. memory: peak RSS (VmHWM) of the web and consumer processes, consumer RSS after 1,000 sagas
    and, with --rss-growth (20,000 sagas), after 20,000.
@@ -33,49 +34,16 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tools.stack import PYTHON, ROOT, Stack  # noqa: E402
+from lab.order_client import OrderClient, Submission
+from lab.sandbox import DEFAULT_VHOST, Sandbox, SandboxError
+from lab.stack import PYTHON, ROOT, Stack
 
 ORDER = {"items": [{"product_id": "sku-1", "quantity": 1}], "currency": "EUR", "payment_method": "pm-123"}
-TOKEN = "demo-alice"
 RSS_MILESTONES = (1_000, 20_000)
 TARGET_THROUGHPUT_RATIO = 0.5
 TARGET_LATENCY_RATIO = 3.0
 TARGET_RSS_GROWTH = 10.0  # percent
 RAW_WARMUP = 50  # raw_chain.py's default warm-up chains
-
-
-# --- backends: our own database, Redis db and vhost ---------------------------------------------------
-
-
-def prepare_vhost(vhost: str) -> str:
-    """A fresh vhost of our own (deleted and made again); "/" if rabbitmqctl is not available."""
-    if vhost == "/" or not shutil.which("rabbitmqctl"):
-        print(f"note: using RabbitMQ vhost '/' (rabbitmqctl {'not found' if vhost != '/' else 'not needed'})")
-        return "/"
-    run = lambda *argv: subprocess.run(["rabbitmqctl", *argv], capture_output=True, text=True)  # noqa: E731
-    run("delete_vhost", vhost)
-    made = run("add_vhost", vhost)
-    allowed = run("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
-    if made.returncode or allowed.returncode:
-        print(f"note: could not make vhost {vhost!r} ({(made.stderr or allowed.stderr).strip()[:200]}); using '/'")
-        return "/"
-    return vhost
-
-
-def prepare_database(name: str, host: str, port: int, user: str) -> str:
-    import psycopg
-
-    with psycopg.connect(host=host, port=port, user=user, dbname="postgres", autocommit=True) as connection:
-        connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        connection.execute(f'CREATE DATABASE "{name}"')
-    return f"postgres://{user}@{host}:{port}/{name}"
-
-
-def prepare_redis(host: str, port: int, db: int) -> None:
-    import redis
-
-    redis.Redis(host=host, port=port, db=db).flushdb()
 
 
 # --- /proc, no psutil ----------------------------------------------------------------------------------
@@ -108,7 +76,7 @@ def machine_cpu() -> tuple[int, int]:
 
 
 OTHER_LOAD_MARKERS = ("run_saga_consumer", "run_demo_participants", "orchestration_site.asgi", "pytest",
-                      "fault_run", "benchmark.py", "raw_chain.py")
+                      "fault_run", "benchmark.py", "raw_chain.py", "lab.benchmark", "lab.raw_chain")
 
 
 def other_stack_processes(own: set[int]) -> list[str]:
@@ -279,49 +247,38 @@ class PassResult:
 
 def drive_sagas(name: str, base_url: str, listener: EventListener, *, count: int, concurrency: int,
                 saga_timeout: float) -> PassResult:
-    import requests
-
     result = PassResult(name, count, concurrency)
+    # no Idempotency-Key: each POST is sent once (an error is counted, not retried), as before the lab had one client
+    orders = OrderClient(base_url, timeout=(30.0, 30.0))
     lock, issued, first_sent, last_done = threading.Lock(), [0], [None], [0.0]
 
     def client() -> None:
-        session = requests.Session()
-        headers = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
-        body = json.dumps(ORDER)
         while True:
             with lock:
                 if issued[0] >= count:
                     return
                 issued[0] += 1
-            sent = time.perf_counter()
+            order = orders.submit(Submission(body=ORDER))
             with lock:
-                first_sent[0] = first_sent[0] or sent
-            try:
-                response = session.post(f"{base_url}/orders/create_order", data=body, headers=headers, timeout=30)
-            except requests.RequestException as error:
+                first_sent[0] = min(first_sent[0] or order.sent, order.sent)
+            if not order.accepted:
                 with lock:
-                    result.errors.append(f"POST failed: {error!r}")
+                    result.errors.append(f"POST failed: {dict(order.problems)}")
                 continue
-            if response.status_code != 202:
-                with lock:
-                    result.errors.append(f"POST answered {response.status_code}: {response.text[:200]}")
-                continue
-            accepted = time.perf_counter()
-            saga_id = response.json()["saga_id"]
             with lock:
-                result.post_latencies.append(accepted - sent)
-                result.saga_ids.append(saga_id)
-            outcome = listener.wait(saga_id, saga_timeout)
+                result.post_latencies.append(order.answered - order.sent)
+                result.saga_ids.append(order.saga_id)
+            outcome = listener.wait(order.saga_id, saga_timeout)
             with lock:
                 if outcome is None:
                     result.statuses["no terminal event"] = result.statuses.get("no terminal event", 0) + 1
-                    result.errors.append(f"saga {saga_id}: no terminal event within {saga_timeout}s")
+                    result.errors.append(f"saga {order.saga_id}: no terminal event within {saga_timeout}s")
                     continue
                 done, status = outcome
                 result.statuses[status] = result.statuses.get(status, 0) + 1
                 last_done[0] = max(last_done[0], done)
                 if status == "completed":
-                    result.latencies.append(done - sent)
+                    result.latencies.append(done - order.sent)
 
     threads = [threading.Thread(target=client, name=f"client-{n}", daemon=True) for n in range(concurrency)]
     for thread in threads:
@@ -361,7 +318,7 @@ def step_times(saga_ids: list[str]) -> dict[str, float | None]:
 
 
 def run_raw_chains(stack: Stack, *, chains: int, concurrency: int, single: int, timeout: float) -> dict:
-    argv = [PYTHON, str(ROOT / "tools" / "raw_chain.py"), "--chains", str(chains), "--concurrency", str(concurrency),
+    argv = [PYTHON, "-m", "lab.raw_chain", "--chains", str(chains), "--concurrency", str(concurrency),
             "--single", str(single), "--warmup", str(RAW_WARMUP), "--timeout", str(timeout)]
     done = subprocess.run(argv, cwd=ROOT, env=stack.env, capture_output=True, text=True)
     (stack.log_dir / "raw_chain.log").write_text(done.stderr)
@@ -397,7 +354,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--pg-port", type=int, default=5432)
     parser.add_argument("--pg-user", default="postgres")
     parser.add_argument("--redis-db", type=int, default=6, help="Redis db (flushed)")
-    parser.add_argument("--vhost", default="bench", help="RabbitMQ vhost (deleted and made again)")
+    parser.add_argument("--vhost", default="bench",
+                        help=f"RabbitMQ vhost (deleted and made again; {DEFAULT_VHOST!r}: the default one, used as it is)")
     parser.add_argument("--log-level", default="INFO", help="LOG_LEVEL of the service processes (production: INFO)")
     parser.add_argument("--wait-quiet", type=float, default=0, metavar="SECONDS",
                         help="first wait up to this long for other stacks/test runs to finish and the load to drop")
@@ -414,10 +372,15 @@ def main() -> int:
     args = parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the stack is stopped on the way out
     quiet = wait_for_quiet(args.wait_quiet) if args.wait_quiet else None
-    redis_host, redis_port = os.environ.get("REDIS_HOST", "127.0.0.1"), int(os.environ.get("REDIS_PORT", 6379))
-    vhost = prepare_vhost(args.vhost)
-    database_url = prepare_database(args.database, args.pg_host, args.pg_port, args.pg_user)
-    prepare_redis(redis_host, redis_port, args.redis_db)
+    sandbox = Sandbox(database=args.database, vhost=args.vhost, redis_db=args.redis_db,
+                      postgres_admin_url=f"postgres://{args.pg_user}@{args.pg_host}:{args.pg_port}/postgres",
+                      redis_host=os.environ.get("REDIS_HOST", "127.0.0.1"),
+                      redis_port=int(os.environ.get("REDIS_PORT", 6379)))
+    try:
+        sandbox.create()
+    except SandboxError as error:
+        sys.exit(f"benchmark: {error}")
+    vhost = sandbox.vhost
     ledger = args.out / "ledger.sqlite3"
     for stale in args.out.glob("ledger.sqlite3*"):
         stale.unlink()
@@ -426,9 +389,8 @@ def main() -> int:
 
     stack = Stack.create(
         log_dir=log_dir, web_port=args.web_port, auth_port=args.auth_port, ledger=ledger,
-        DJANGO_DEBUG="0", DJANGO_SECRET_KEY=f"bench-{uuid.uuid4().hex}{uuid.uuid4().hex}", DATABASE_URL=database_url,
-        REDIS_HOST=redis_host, REDIS_PORT=redis_port, REDIS_DB=args.redis_db, RABBITMQ_VHOST=vhost,
-        LOG_LEVEL=args.log_level,
+        DJANGO_DEBUG="0", DJANGO_SECRET_KEY=f"bench-{uuid.uuid4().hex}{uuid.uuid4().hex}", LOG_LEVEL=args.log_level,
+        **sandbox.environment(),
     )
     migrated = stack.manage("migrate", "--no-input", check=False)
     if migrated.returncode:

@@ -1,4 +1,4 @@
-"""Demo Stock, Payment and Order services that speak only the contract (section 4).
+"""Demo Stock, Payment, Order and Shipping services that speak only the contract (section 4).
 
 They stand in for the real services in the demo, the integration tests, the benchmark and the
 fault-injection suite, so they follow the contract's rules strictly and record every effect:
@@ -15,7 +15,12 @@ The ledger also keeps, for the fault suite's checker, every command received (pe
 and attempt, one row per delivery), and it takes one fault: `refuse_compensations` makes a
 participant answer compensations with a failure for a while.
 
-State lives in one SQLite ledger file that the three services share (they are separate services
+Shipping (shipping.dispatch / shipping.recall) is the step of a four-step flow: the runtime's
+topology does not know its queue, so its worker declares `shipping.commands` itself, and it runs
+only when asked (`start_participants(with_shipping=True)`, `run_demo_participants --with-shipping`).
+Its effects are in `Ledger.effects()` (dispatched / recalled), not in `summary()`.
+
+State lives in one SQLite ledger file that the services share (they are separate services
 that happen to keep their books in one file, so checkers can read it), written with sqlite3
 directly, one connection per thread. `handle_command` is the whole behaviour without a broker;
 `ParticipantWorker` carries it over RabbitMQ. See `catalogue.py` for the demo data and the
@@ -40,7 +45,7 @@ from pathlib import Path
 
 from django.conf import settings
 
-from sagas.demo.catalogue import (
+from demo.catalogue import (
     DECLINED_PAYMENT_METHOD,
     DUPLICATE_REPLY_PRODUCT,
     PRODUCTS,
@@ -51,8 +56,10 @@ from sagas.demo.catalogue import (
     Product,
 )
 from sagas.messaging import (
+    COMMANDS_EXCHANGE,
     PARTICIPANT_QUEUES,
     REPLIES_QUEUE,
+    Backoff,
     Broker,
     BrokerUnavailable,
     Delivery,
@@ -65,6 +72,8 @@ log = logging.getLogger(__name__)
 
 CENT = Decimal("0.01")
 PREFETCH = 50
+# the demo's own participant queue -> its binding on saga.commands; declared by its worker
+SHIPPING_QUEUE, SHIPPING_BINDING = "shipping.commands", "shipping.*"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS products (
@@ -379,8 +388,8 @@ def _take_payment(db: sqlite3.Connection, command: Command) -> Outcome:
     return _success(payment_id=payment_id)
 
 
-def _undo_money_effect(participant: str, effect: str, undo: str):
-    """The compensation of a payment or an order: the same amount and reference, undone."""
+def _undo_recorded_effect(participant: str, effect: str, undo: str):
+    """The compensation of a payment, an order or a shipment: the same amount and reference, undone."""
 
     def undo_effect(db: sqlite3.Connection, saga_id: str) -> None:
         amount, currency, reference = db.execute(
@@ -391,7 +400,7 @@ def _undo_money_effect(participant: str, effect: str, undo: str):
     return undo_effect
 
 
-_refund_payment = _undo_money_effect("payment", "charged", "refunded")
+_refund_payment = _undo_recorded_effect("payment", "charged", "refunded")
 
 
 def _create_order(db: sqlite3.Connection, command: Command) -> Outcome:
@@ -403,7 +412,20 @@ def _create_order(db: sqlite3.Connection, command: Command) -> Outcome:
     return _success(order_id=order_id)
 
 
-_cancel_order = _undo_money_effect("order", "order_created", "order_cancelled")
+_cancel_order = _undo_recorded_effect("order", "order_created", "order_cancelled")
+
+
+def _dispatch_shipment(db: sqlite3.Connection, command: Command) -> Outcome:
+    order_id = command.payload.get("order_id")
+    if not isinstance(order_id, str) or not order_id:
+        raise InvalidPayload("order_id must be a non-empty string")
+    _quantities(command.payload)  # what is shipped: a usable list of items
+    shipment_id = f"sh-{uuid.uuid4().hex[:12]}"
+    _record(db, command.saga_id, "shipping", "dispatched", reference=shipment_id)
+    return _success(shipment_id=shipment_id)
+
+
+_recall_shipment = _undo_recorded_effect("shipping", "dispatched", "recalled")
 
 
 @dataclass(frozen=True)
@@ -426,6 +448,10 @@ RULES = (
     ),
     ParticipantRules(
         "order", "order.create", "order.cancel", "order_created", "order_cancelled", _create_order, _cancel_order
+    ),
+    ParticipantRules(
+        "shipping", "shipping.dispatch", "shipping.recall", "dispatched", "recalled", _dispatch_shipment,
+        _recall_shipment,
     ),
 )
 RULES_BY_COMMAND = {name: rules for rules in RULES for name in (rules.forward, rules.compensation)}
@@ -553,8 +579,10 @@ class _Reply:
 class ParticipantWorker:
     """Consumes one participant queue with its own Broker and ledger connection; run() in its own thread."""
 
-    def __init__(self, queue_name: str, *, ledger_path: str | Path, prefetch: int = PREFETCH):
+    def __init__(self, queue_name: str, *, ledger_path: str | Path, prefetch: int = PREFETCH,
+                 own_binding: str | None = None):
         self.queue_name = queue_name
+        self.own_binding = own_binding  # a queue the runtime does not declare: this worker does
         self.prefix = queue_name.split(".", 1)[0] + "."
         self.ledger_path = ledger_path
         self.prefetch = prefetch
@@ -566,6 +594,8 @@ class ParticipantWorker:
     def run(self, should_stop: Callable[[], bool]) -> None:
         self.ledger, self.broker = Ledger(self.ledger_path), Broker()
         try:
+            if self.own_binding is not None and not self._declare_own_queue(should_stop):
+                return
             self.broker.consume(
                 self.queue_name, self.on_delivery, prefetch=self.prefetch, should_stop=should_stop,
                 tick=self.send_due_replies,
@@ -577,6 +607,21 @@ class ParticipantWorker:
         finally:
             self.broker.close()
             self.ledger.close()
+
+    def _declare_own_queue(self, should_stop: Callable[[], bool]) -> bool:
+        """Declare and bind this worker's queue, waiting for the broker; False if told to stop first."""
+        backoff = Backoff()
+        while not should_stop():
+            try:
+                self.broker.declare_queue(self.queue_name, exchange=COMMANDS_EXCHANGE, routing_key=self.own_binding)
+                return True
+            except BrokerUnavailable as error:
+                pause = backoff.next()
+                log.warning("cannot declare %s yet, retrying in %.1fs: %s", self.queue_name, pause, error)
+                end = time.monotonic() + pause
+                while not should_stop() and time.monotonic() < end:
+                    time.sleep(0.1)
+        return False
 
     def on_delivery(self, delivery: Delivery) -> None:
         try:
@@ -624,13 +669,16 @@ class ParticipantWorker:
 
 
 def start_participants(
-    *, ledger_path: str | Path, should_stop: Callable[[], bool], prefetch: int = PREFETCH
+    *, ledger_path: str | Path, should_stop: Callable[[], bool], prefetch: int = PREFETCH, with_shipping: bool = False
 ) -> list[threading.Thread]:
-    """Start the stock, payment and order participants, one thread (and Broker) each."""
+    """Start the stock, payment and order participants (and shipping if asked), one thread (and Broker) each."""
     Ledger(ledger_path).close()  # create and seed the file before the threads race for it
+    queues = {queue_name: None for queue_name in PARTICIPANT_QUEUES}
+    if with_shipping:
+        queues[SHIPPING_QUEUE] = SHIPPING_BINDING
     threads = []
-    for queue_name in PARTICIPANT_QUEUES:
-        worker = ParticipantWorker(queue_name, ledger_path=ledger_path, prefetch=prefetch)
+    for queue_name, own_binding in queues.items():
+        worker = ParticipantWorker(queue_name, ledger_path=ledger_path, prefetch=prefetch, own_binding=own_binding)
         thread = threading.Thread(target=worker.run, args=(should_stop,), name=f"demo-{queue_name}", daemon=True)
         thread.start()
         threads.append(thread)

@@ -1,4 +1,4 @@
-"""The raw broker baseline for tools/benchmark.py: 3-step command/reply chains with no state.
+"""The raw broker baseline for lab/benchmark.py: 3-step command/reply chains with no state.
 
 One process, one thread, one `sagas.messaging.Broker` (so the same pika settings, persistent
 messages and publisher confirms as the orchestrator), driving chains against the demo
@@ -10,7 +10,7 @@ chain gets a fresh uuid4 as its saga_id (the participants are idempotent per sag
 Like the saga consumer, it publishes the next command from inside the consume callback on the
 same connection, so the comparison is "same messaging, minus the orchestrator's state".
 
-    python tools/raw_chain.py --chains 2000 --concurrency 16 --single 200
+    python -m lab.raw_chain --chains 2000 --concurrency 16 --single 200
 
 prints one JSON line with the results (needs the stack's environment: RABBITMQ_*, Django settings).
 """
@@ -19,22 +19,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 import uuid
 from dataclasses import dataclass, field
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-os.environ.setdefault("DJANGO_SETTINGS_MODULE", "orchestration_site.settings")
+import django
 
-import django  # noqa: E402
-
-django.setup()
-
-from sagas import engine  # noqa: E402
-from sagas.flow import ORDER_SAGA, build_payload  # noqa: E402
-from sagas.messaging import COMMANDS_EXCHANGE, Broker, Delivery, encode  # noqa: E402
+from sagas import engine
+from sagas.flow import ORDER_SAGA, build_payload
+from sagas.messaging import COMMANDS_EXCHANGE, Broker, Delivery, encode
 
 ITEMS = [{"product_id": "sku-1", "quantity": 1}]
 STEPS = tuple(s.command for s in ORDER_SAGA)
@@ -169,6 +162,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=50, help="chains before measuring (not reported)")
     parser.add_argument("--timeout", type=float, default=1200.0, help="seconds all passes together may take")
     args = parser.parse_args()
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "orchestration_site.settings")
+    django.setup()
 
     broker = Broker()
     # A private queue for the replies: exclusive, gone with this connection. Bound to amq.direct

@@ -6,8 +6,8 @@ import json
 import random
 import uuid
 
+from lab.faults.infra import RawMessage
 from sagas.messaging import REPLIES_QUEUE
-from tools.faults.infra import RawMessage
 
 
 def _json(body: object) -> bytes:

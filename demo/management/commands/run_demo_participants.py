@@ -1,4 +1,5 @@
-"""Run the demo Stock, Payment and Order participants and the demo auth service until SIGTERM/SIGINT."""
+"""Run the demo Stock, Payment and Order participants (and Shipping, with --with-shipping) and the
+demo auth service until SIGTERM/SIGINT."""
 from __future__ import annotations
 
 import signal
@@ -6,18 +7,20 @@ import threading
 
 from django.core.management.base import BaseCommand, CommandError
 
-from sagas.demo.auth_server import default_auth_port, serve_auth
-from sagas.demo.catalogue import describe
-from sagas.demo.participants import default_ledger_path, reset_ledger, start_participants
+from demo.auth_server import default_auth_port, serve_auth
+from demo.catalogue import describe
+from demo.participants import default_ledger_path, reset_ledger, start_participants
 
 
 class Command(BaseCommand):
-    help = "Run the demo participants (stock, payment, order) and the demo auth service."
+    help = "Run the demo participants (stock, payment, order; shipping if asked) and the demo auth service."
 
     def add_arguments(self, parser) -> None:
         parser.add_argument("--ledger", help=f"SQLite ledger file (default {default_ledger_path()})")
         parser.add_argument("--reset", action="store_true", help="forget all effects and restock from the catalogue")
         parser.add_argument("--no-auth", action="store_true", help="do not run the demo auth service")
+        parser.add_argument("--with-shipping", action="store_true",
+                            help="also run the Shipping participant (it declares shipping.commands), for a four-step flow")
         parser.add_argument("--auth-port", type=int, help="auth service port (default: from AUTHERIZATION_SERVER_PORT)")
         # 0.0.0.0 in a container, where the orchestrator calls it from another one (docker-compose.yml)
         parser.add_argument("--auth-host", default="127.0.0.1", help="address the auth service listens on (default 127.0.0.1)")
@@ -39,7 +42,8 @@ class Command(BaseCommand):
                 auth = serve_auth(port, host=options["auth_host"])
             except OSError as error:
                 raise CommandError(f"cannot run the demo auth service on port {port}: {error}") from error
-        threads = start_participants(ledger_path=ledger_path, should_stop=stop.is_set)
+        threads = start_participants(ledger_path=ledger_path, should_stop=stop.is_set,
+                                     with_shipping=options["with_shipping"])
 
         auth_note = f"auth on {options['auth_host']}:{auth.server_port}" if auth else "no auth service"
         self.stdout.write(f"demo participants running (ledger {ledger_path}, {auth_note}); {describe()}")

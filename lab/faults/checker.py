@@ -25,13 +25,15 @@ from decimal import Decimal
 
 import psycopg
 
-from sagas.demo.participants import read_evidence
+from demo.participants import read_evidence
+from lab.faults import infra
+from lab.faults.orders import FORBIDDEN, SHOULD_COMPLETE, Order
+from lab.faults.schedule import DELAYS_REPLIES, REFUSES_COMPENSATIONS
+from lab.sandbox import redis_client
+from sagas import store
 from sagas.engine import GAVE_UP, timed_out_reason
 from sagas.flow import ORDER_SAGA, STEP_BY_COMMAND
 from sagas.messaging import DEAD_LETTER_QUEUE, PARTICIPANT_QUEUES, REPLIES_QUEUE
-from tools.faults import infra
-from tools.faults.orders import FORBIDDEN, SHOULD_COMPLETE, Order
-from tools.faults.schedule import DELAYS_REPLIES, REFUSES_COMPENSATIONS
 
 TERMINAL = ("completed", "compensated", "failed")
 EVENTS_QUEUE = "faults.events"  # bound to saga.events by the runner, as a related service would
@@ -140,10 +142,10 @@ def sent_commands(database_url: str) -> Counter:
 
 def redis_states(redis_db: int, saga_ids: list[str]) -> dict[str, tuple[int, str]]:
     """saga_id -> (version, status) for the sagas Redis holds."""
-    client = infra.redis_client(redis_db)
+    client = redis_client(redis_db)
     pipe = client.pipeline(transaction=False)
     for saga_id in saga_ids:
-        pipe.hmget(f"orchestrator:saga:{saga_id}", "version", "state")
+        pipe.hmget(store._key(saga_id), "version", "state")  # the runtime's own key: live_state.key after issue 10
     present = {}
     for saga_id, (version, state) in zip(saga_ids, pipe.execute()):
         if version is not None or state is not None:

@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 
 from django.conf import settings
 
-from sagas.demo.catalogue import TOKENS
+from demo.catalogue import TOKENS
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """The long fault run, and throughput without faults.
 
-    python tools/fault_run.py --sagas 2000 --faults 20 --consumers 2 --seed 7
-    python tools/fault_run.py --sagas 1000 --faults 0 --consumers 1,2,4     # throughput per consumer count
+    python -m lab.fault_run --sagas 2000 --faults 20 --consumers 2 --seed 7
+    python -m lab.fault_run --sagas 1000 --faults 0 --consumers 1,2,4     # throughput per consumer count
 
 Kills and restarts real processes and restarts the machine's RabbitMQ and PostgreSQL (briefly:
 other people's runs notice). Uses a database, Redis db and RabbitMQ vhost of its own, removed at
@@ -12,9 +12,8 @@ import logging
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tools.faults.runner import ScenarioConfig, run_scenario  # noqa: E402
-from tools.faults.schedule import FAULT_KINDS  # noqa: E402
+from lab.faults.runner import ScenarioConfig, run_scenario
+from lab.faults.schedule import FAULT_KINDS
 
 
 def main() -> int:

@@ -1,8 +1,11 @@
 """Fill a scratch database with many sagas to measure the support console at scale:
 
     createdb -h 127.0.0.1 -U postgres console_bench
+    export DJANGO_SETTINGS_MODULE=orchestration_site.settings_demo
     DATABASE_URL=postgres://postgres@127.0.0.1:5432/console_bench python manage.py migrate
     DATABASE_URL=... python manage.py seed_sagas --count 100000
+
+Only under the demo or test settings (demo/guard.py): never into a production database.
 
 Rows only (no steps, timeline or outbox, no messages sent): the list page reads nothing else. The
 mix looks like production: mostly completed, some compensated, a few in flight, overdue or failed.
@@ -16,6 +19,7 @@ from decimal import Decimal
 from django.core.management.base import BaseCommand, CommandError
 from django.utils import timezone
 
+from demo.guard import require_demo_settings
 from sagas import engine
 from sagas.flow import ORDER_SAGA
 from sagas.models import Saga
@@ -85,6 +89,7 @@ class Command(BaseCommand):
         parser.add_argument("--seed", type=int, default=7)
 
     def handle(self, *args, count: int, seed: int, **options):
+        require_demo_settings("seed_sagas")
         if not (0 < count <= 10_000_000):
             raise CommandError("--count must be between 1 and 10,000,000")
         rng, now = random.Random(seed), timezone.now()

@@ -12,9 +12,8 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from orchestration_site.env import ConfigError, env_int  # noqa: E402
-from tools.stack import ROOT, Stack  # noqa: E402
+from lab.stack import DEMO_SETTINGS, ROOT, Stack
+from orchestration_site.env import ConfigError, env_int
 
 TRY_IT = """
   The order saga is running:
@@ -116,7 +115,7 @@ def preflight(settings) -> list[str]:
 def configure(*, log_dir: Path) -> tuple[Stack, object]:
     """The stack's environment and the settings it gives; raises ConfigError for a bad value."""
     stack = Stack.create(log_dir=log_dir, web_port=env_int("PORT", default=7001, minimum=1, maximum=65535),
-                         DJANGO_DEBUG=os.environ.get("DJANGO_DEBUG", "1"))
+                         settings=DEMO_SETTINGS)
     os.environ.update(stack.env)  # the settings read here are the ones the processes will read
     import django
     from django.conf import settings

@@ -1,6 +1,10 @@
 """Start the service's processes (web, consumers, demo participants and auth) as real
 subprocesses, and stop, kill or restart them. Used by the demo (`make run`), the benchmark and
-the fault suite, so all three run the service exactly as production does."""
+the fault suite, so all three run the service exactly as production does.
+
+The web process and the consumers run the stack's settings (production's unless told: the
+benchmark and the fault suite measure production; `make run` passes the demo's); the demo
+participants and auth service always run the demo settings, the only ones that install them."""
 from __future__ import annotations
 
 import os
@@ -18,6 +22,8 @@ from orchestration_site.logging_config import UVICORN_LOG_CONFIG
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
+PRODUCTION_SETTINGS = "orchestration_site.settings"
+DEMO_SETTINGS = "orchestration_site.settings_demo"
 
 
 @dataclass
@@ -25,6 +31,7 @@ class Service:
     name: str
     argv: list[str]
     log_path: Path
+    env: dict
     process: subprocess.Popen | None = None
 
     @property
@@ -46,8 +53,8 @@ class Stack:
 
     @classmethod
     def create(cls, *, log_dir: Path, web_port: int = 7001, auth_port: int = 5206, ledger: Path | None = None,
-               **env_overrides: str) -> "Stack":
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "DJANGO_SETTINGS_MODULE": "orchestration_site.settings",
+               settings: str = PRODUCTION_SETTINGS, **env_overrides: str) -> "Stack":
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "DJANGO_SETTINGS_MODULE": settings,
                "PORT": str(web_port), "AUTHERIZATION_SERVER_HOST": "http://127.0.0.1",
                "AUTHERIZATION_SERVER_PORT": str(auth_port)}
         env.setdefault("DJANGO_SECRET_KEY", secrets.token_urlsafe(50))
@@ -59,10 +66,11 @@ class Stack:
         return subprocess.run([PYTHON, "manage.py", *args], cwd=ROOT, env=self.env, check=check,
                               capture_output=True, text=True)
 
-    def _start(self, name: str, argv: list[str]) -> Service:
-        service = self.services.get(name) or Service(name, argv, self.log_dir / f"{name}.log")
+    def _start(self, name: str, argv: list[str], *, settings: str | None = None) -> Service:
+        env = self.env if settings is None else {**self.env, "DJANGO_SETTINGS_MODULE": settings}
+        service = self.services.get(name) or Service(name, argv, self.log_dir / f"{name}.log", env)
         log = open(service.log_path, "ab")
-        service.process = subprocess.Popen(argv, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+        service.process = subprocess.Popen(argv, cwd=ROOT, env=service.env, stdout=log, stderr=subprocess.STDOUT,
                                            start_new_session=True)
         log.close()
         self.services[name] = service
@@ -76,15 +84,18 @@ class Stack:
     def start_consumer(self, number: int = 1) -> Service:
         return self._start(f"consumer-{number}", [PYTHON, "manage.py", "run_saga_consumer"])
 
-    def start_participants(self, *, reset: bool = True) -> Service:
+    def start_participants(self, *, reset: bool = True, with_shipping: bool = False) -> Service:
         argv = [PYTHON, "manage.py", "run_demo_participants", "--auth-port", str(self.auth_port)]
         if self.ledger:
             argv += ["--ledger", str(self.ledger)]
-        return self._start("participants", [*argv, "--reset"] if reset else argv)
+        if with_shipping:
+            argv.append("--with-shipping")
+        return self._start("participants", [*argv, "--reset"] if reset else argv, settings=DEMO_SETTINGS)
 
     def restart(self, name: str) -> Service:
         self.stop(name)
-        return self._start(name, self.services[name].argv)
+        service = self.services[name]
+        return self._start(name, service.argv, settings=service.env["DJANGO_SETTINGS_MODULE"])
 
     def signal(self, name: str, signum: int) -> None:
         service = self.services[name]

@@ -18,10 +18,9 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sagas.demo.participants import refuse_compensations
-from sagas.messaging import EVENTS_EXCHANGE, PARTICIPANT_QUEUES, REPLIES_QUEUE
-from tools.faults import infra
-from tools.faults.checker import (
+from demo.participants import refuse_compensations
+from lab.faults import infra
+from lab.faults.checker import (
     EVENTS_QUEUE,
     TERMINAL,
     CheckReport,
@@ -32,9 +31,9 @@ from tools.faults.checker import (
     unfinished,
     unsent_outbox,
 )
-from tools.faults.orders import MIX, Order, OrderClient, make_orders, send_all
-from tools.faults.poison import poison_messages
-from tools.faults.schedule import (
+from lab.faults.orders import MIX, Order, make_orders, send_all
+from lab.faults.poison import poison_messages
+from lab.faults.schedule import (
     FAULT_KINDS,
     FLUSH_REDIS,
     KILL_CONSUMER,
@@ -47,7 +46,10 @@ from tools.faults.schedule import (
     plan_faults,
     plan_poison,
 )
-from tools.stack import ROOT, Stack, free_port
+from lab.order_client import OrderClient
+from lab.sandbox import Sandbox
+from lab.stack import ROOT, Stack, free_port
+from sagas.messaging import EVENTS_EXCHANGE, PARTICIPANT_QUEUES, REPLIES_QUEUE
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +142,7 @@ class Scenario:
         self.out = out
         self.run_id = f"faults_{self.config.seed}_{secrets.token_hex(3)}"
         self.log_dir = Path(self.config.log_dir or ROOT / "var" / "faults" / self.run_id)
-        self.sandbox = infra.Sandbox(self.run_id, self.config.redis_db)
+        self.sandbox = Sandbox.named(self.run_id, redis_db=self.config.redis_db)
         self.stack: Stack | None = None
         self.orders: list[Order] = []
         self.poison_ids: list[str] = []
@@ -194,8 +196,7 @@ class Scenario:
         c = self.config
         self.stack = Stack.create(
             log_dir=self.log_dir, web_port=free_port(), auth_port=free_port(), ledger=self.log_dir / "ledger.sqlite3",
-            DATABASE_URL=self.sandbox.database_url, REDIS_DB=c.redis_db, RABBITMQ_VHOST=self.sandbox.vhost,
-            RABBITMQ_HOST=infra.RABBITMQ_HOST, REDIS_HOST=infra.REDIS_HOST,
+            **self.sandbox.environment(), RABBITMQ_HOST=infra.RABBITMQ_HOST,
             SAGA_STEP_TIMEOUT_SECONDS=c.step_timeout, SAGA_STEP_MAX_ATTEMPTS=c.step_max_attempts,
             SAGA_COMPENSATION_MAX_ATTEMPTS=c.compensation_max_attempts, LOG_LEVEL=c.log_level, DJANGO_DEBUG="0",
         )
@@ -259,7 +260,7 @@ class Scenario:
         elif fault.kind == RESTART_POSTGRES:
             infra.restart_postgres(fault.down)
         elif fault.kind == FLUSH_REDIS:
-            infra.flush_redis(self.config.redis_db)
+            self.sandbox.flush_redis()
         elif fault.kind == REFUSE_COMPENSATIONS:
             refuse_compensations(self.stack.ledger, participant=fault.target, seconds=fault.down)
             time.sleep(fault.down)  # faults never overlap: this one lasts until the refusals lapse

@@ -61,10 +61,12 @@ PRODUCTS: dict[str, Product] = {
 
 DECLINED_PAYMENT_METHOD = "pm-declined"
 
+# the one copy of the demo tokens: the tests, the benchmark and the fault suite import these
+CUSTOMER_TOKEN, OTHER_CUSTOMER_TOKEN, STAFF_TOKEN = "demo-alice", "demo-bob", "demo-staff"
 TOKENS: dict[str, DemoUser] = {
-    "demo-alice": DemoUser("alice"),
-    "demo-bob": DemoUser("bob"),
-    "demo-staff": DemoUser("staff", is_staff=True),
+    CUSTOMER_TOKEN: DemoUser("alice"),
+    OTHER_CUSTOMER_TOKEN: DemoUser("bob"),
+    STAFF_TOKEN: DemoUser("staff", is_staff=True),
 }
 
 

@@ -1,6 +1,6 @@
-"""The machine's shared services (PostgreSQL, Redis, RabbitMQ) as a fault run sees them: a
-sandbox of its own in each (database, Redis db number, vhost), the faults that break them,
-and `heal`, which brings every one of them back.
+"""The machine's shared services (PostgreSQL, Redis, RabbitMQ) as a fault run sees them: the
+faults that break them, `heal`, which brings every one of them back, and a look at the broker
+from outside. The run's own database, Redis db and vhost are lab.sandbox's.
 
 Restarting a shared service disturbs other people's runs on the machine for a moment; every
 restart here brings the service back in a `finally`, so an interrupted run never leaves one down.
@@ -12,17 +12,15 @@ import os
 import subprocess
 import time
 from dataclasses import dataclass
-from urllib.parse import urlsplit
 
 import pika
 import pika.exceptions
-import psycopg
 import redis
+
+from lab.sandbox import REDIS_PORT, redis_client
 
 log = logging.getLogger(__name__)
 
-POSTGRES_ADMIN_URL = os.environ.get("FAULTS_POSTGRES_ADMIN_URL", "postgres://postgres@127.0.0.1:5432/postgres")
-REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
 RABBITMQ_HOST, RABBITMQ_PORT, RABBITMQ_USER, RABBITMQ_PASSWORD = "127.0.0.1", 5672, "guest", "guest"
 REDIS_START = ["redis-server", "--daemonize", "yes", "--bind", "127.0.0.1", "-::1", "--port", str(REDIS_PORT),
                "--save", "", "--appendonly", "no", "--dir", "/var/lib/redis", "--logfile", "/var/log/redis/ci.log"]
@@ -33,48 +31,6 @@ def _run(argv: list[str], *, check: bool = True, timeout: float = 120) -> subpro
     if check and result.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)} failed ({result.returncode}): {result.stderr.strip() or result.stdout.strip()}")
     return result
-
-
-@dataclass
-class Sandbox:
-    """A database, a Redis db number and a RabbitMQ vhost that only this run uses."""
-
-    name: str
-    redis_db: int
-
-    @property
-    def database_url(self) -> str:
-        admin = urlsplit(POSTGRES_ADMIN_URL)
-        return admin._replace(path=f"/{self.name}").geturl()
-
-    @property
-    def vhost(self) -> str:
-        return self.name
-
-    def create(self) -> None:
-        with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
-            admin.execute(f'CREATE DATABASE "{self.name}"')
-        _run(["rabbitmqctl", "-q", "add_vhost", self.vhost], check=False)
-        _run(["rabbitmqctl", "-q", "set_permissions", "-p", self.vhost, RABBITMQ_USER, ".*", ".*", ".*"])
-        redis_client(self.redis_db).flushdb()
-
-    def destroy(self) -> None:
-        """Remove everything the run created. Best effort: each part is tried."""
-        try:
-            with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as admin:
-                admin.execute(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
-        except psycopg.Error as error:
-            log.warning("database %s not dropped: %r", self.name, error)
-        _run(["rabbitmqctl", "-q", "delete_vhost", self.vhost], check=False)
-        try:
-            redis_client(self.redis_db).flushdb()
-        except redis.RedisError as error:
-            log.warning("redis db %s not flushed: %r", self.redis_db, error)
-
-
-def redis_client(db: int) -> redis.Redis:
-    return redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=db, socket_timeout=5, socket_connect_timeout=5)
 
 
 # --- faults on the shared services ----------------------------------------------------------
@@ -100,10 +56,6 @@ def restart_rabbitmq(down: float) -> None:
         time.sleep(down)
     finally:
         _run(["rabbitmqctl", "-q", "start_app"])
-
-
-def flush_redis(db: int) -> None:
-    redis_client(db).flushdb()
 
 
 def heal() -> list[str]:

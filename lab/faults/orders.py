@@ -1,19 +1,15 @@
-"""The shop front of a fault run: orders of every kind, sent over HTTP the way a careful client
-sends them (one Idempotency-Key per order, the same key on every retry), so an order counts as
-accepted only once a 2xx came back."""
+"""The shop front of a fault run: orders of every kind, sent over HTTP by the lab's order client
+as a careful client sends them (one Idempotency-Key per order, the same key on every retry), so
+an order counts as accepted only once a 2xx came back."""
 from __future__ import annotations
 
 import random
-import threading
 import time
-from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from decimal import Decimal
 
-import requests
-
-from sagas.demo.catalogue import (
+from demo.catalogue import (
     DECLINED_PAYMENT_METHOD,
     DUPLICATE_REPLY_PRODUCT,
     PRODUCTS,
@@ -21,9 +17,7 @@ from sagas.demo.catalogue import (
     SLOW_PRODUCT,
     SOLD_OUT_PRODUCT,
 )
-
-TOKEN = "demo-alice"
-RETRY_STATUSES = (503,)
+from lab.order_client import OrderClient, Submission
 
 # kind -> weight
 MIX = {"normal": 50, "sold_out": 10, "declined": 10, "slow": 7, "silent_once": 12, "dup": 11}
@@ -36,21 +30,12 @@ FORBIDDEN = {"sold_out": {"completed"}, "declined": {"completed"}}
 SHOULD_COMPLETE = frozenset({"normal", "silent_once", "dup"})
 
 
-@dataclass
-class Order:
+@dataclass(kw_only=True)
+class Order(Submission):
+    """An order of the run: its number, its kind (MIX) and always an Idempotency-Key."""
+
     number: int
     kind: str
-    key: str
-    body: dict
-    # filled in by the client
-    status_code: int | None = None
-    saga_id: str | None = None
-    accepted_at: float | None = None
-    problems: Counter = field(default_factory=Counter)
-
-    @property
-    def accepted(self) -> bool:
-        return self.saga_id is not None
 
     @property
     def expected_total(self) -> Decimal:
@@ -63,7 +48,7 @@ def make_orders(*, count: int, seed: int, run_id: str, mix: dict[str, int] = MIX
     orders = []
     for number in range(count):
         kind = rng.choices(kinds, weights)[0]
-        orders.append(Order(number, kind, f"{run_id}-{number}", order_body(kind, rng)))
+        orders.append(Order(number=number, kind=kind, key=f"{run_id}-{number}", body=order_body(kind, rng)))
     return orders
 
 
@@ -74,48 +59,6 @@ def order_body(kind: str, rng: random.Random) -> dict:
     items = normal if trigger is None else [{"product_id": trigger, "quantity": rng.randint(1, 2)}, *normal[:1]]
     method = DECLINED_PAYMENT_METHOD if kind == "declined" else f"pm-{rng.randint(100, 999)}"
     return {"items": items, "currency": "EUR", "payment_method": method}
-
-
-class OrderClient:
-    """POSTs orders, retrying connection errors, timeouts and 503 with the same key until `give_up_after`."""
-
-    def __init__(self, base_url: str, *, give_up_after: float = 120.0, timeout: tuple[float, float] = (2.0, 20.0)):
-        self.url = f"{base_url}/orders/create_order"
-        self.give_up_after = give_up_after
-        self.timeout = timeout
-        self._local = threading.local()
-
-    def _session(self) -> requests.Session:
-        if not hasattr(self._local, "session"):
-            self._local.session = requests.Session()
-        return self._local.session
-
-    def submit(self, order: Order) -> Order:
-        end, pause = time.monotonic() + self.give_up_after, 0.1
-        headers = {"Authorization": f"Bearer {TOKEN}", "Idempotency-Key": order.key}
-        while True:
-            try:
-                response = self._session().post(self.url, json=order.body, headers=headers, timeout=self.timeout)
-            except requests.RequestException as error:
-                order.problems[type(error).__name__] += 1
-                self._local.__dict__.pop("session", None)  # a fresh connection after a dropped one
-            else:
-                order.status_code = response.status_code
-                if 200 <= response.status_code < 300:
-                    try:
-                        order.saga_id = response.json()["saga_id"]
-                    except (ValueError, KeyError, TypeError):
-                        order.problems[f"http {response.status_code} without a saga_id"] += 1
-                        return order
-                    order.accepted_at = time.time()
-                    return order
-                order.problems[f"http {response.status_code}"] += 1
-                if response.status_code not in RETRY_STATUSES:
-                    return order
-            if time.monotonic() + pause > end:
-                return order
-            time.sleep(pause)
-            pause = min(pause * 2, 2.0)
 
 
 def send_all(client: OrderClient, orders: list[Order], *, duration: float, concurrency: int) -> None:
