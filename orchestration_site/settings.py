@@ -170,7 +170,7 @@ API_THROTTLE_ANON = env_rate("API_THROTTLE_ANON")
 def _participant_users(raw: str | None) -> dict[str, str]:
     """PARTICIPANT_USERS=stock=stock-svc,payment=pay-svc,order=order-svc: the RabbitMQ user whose
     replies each participant's commands accept. Unset: any sender is believed."""
-    from sagas.flow import ORDER_SAGA  # plain data, no models: safe before apps load
+    from sagas.flows import ORDER_SAGA  # plain data, no models: safe before apps load
 
     if raw is None:
         return {}

@@ -1,6 +1,6 @@
 """The support console: find a customer's order saga, see where it is, and undo it.
 
-The list and the saga page are read-only views of the database mirror that stay fast at
+The list and the saga page are read-only views of the record (the database) that stay fast at
 100,000 sagas; every change goes through the staff actions in sagas.admin_actions.
 """
 from functools import cached_property, partial
@@ -19,7 +19,7 @@ from sagas import admin_actions, selectors, services
 from sagas.admin_filters import AgeFilter, CustomerFilter, StepFilter, StuckFilter
 from sagas.engine import participant_of
 from sagas.failure_reasons import explain_failure
-from sagas.flow import ORDER_SAGA
+from sagas.flows import ORDER_SAGA
 from sagas.models import Saga
 
 STATUS_FILTER = "status__exact"  # the parameter of the list filter on the status field

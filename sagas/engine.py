@@ -1,6 +1,6 @@
 """The saga's rules as pure functions: (state, event, now) -> Decision(new state, messages).
 
-No I/O here. The store saves the decision's state and the outbox sends its messages; the
+No I/O here. The transitions commit the decision's state and the outbox sends its messages; the
 consumer, the API and the admin all come through these functions.
 """
 from __future__ import annotations
@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
 
-from sagas.flow import ORDER_SAGA, STEP_BY_COMMAND, StepDefinition, build_payload
+from sagas.flows import ORDER_SAGA, STEP_BY_COMMAND, StepDefinition, build_payload
 
 # saga status
 RUNNING, COMPENSATING, COMPLETED, COMPENSATED, FAILED = "running", "compensating", "completed", "compensated", "failed"

@@ -6,7 +6,7 @@ The engine and the participants speak in short machine reasons (`out_of_stock`,
 from __future__ import annotations
 
 from sagas.engine import GAVE_UP, STAFF_REASON_PREFIX, failed_reason, timed_out_reason
-from sagas.flow import ORDER_SAGA
+from sagas.flows import ORDER_SAGA
 
 STEP_WORDS = {"reduce_stock": "reserving the stock", "take_payment": "taking the payment",
               "create_order": "creating the order"}

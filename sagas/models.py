@@ -1,4 +1,4 @@
-"""The database mirror of every saga: its row, its steps, its timeline, and the outbox of
+"""The record of every saga: its row, its steps, its timeline, and the outbox of
 messages that its transitions decided to send. Rows change only through sagas.services."""
 import uuid
 

@@ -12,7 +12,7 @@ from decimal import Decimal, InvalidOperation
 from itertools import accumulate
 
 from sagas.engine import Reply
-from sagas.flow import STEP_BY_COMMAND
+from sagas.flows import STEP_BY_COMMAND
 from sagas.models import Saga, TimelineEntry
 
 MAX_REPLY_BYTES = 64 * 1024
@@ -128,7 +128,7 @@ def _shown(value) -> str:
 
 
 def _learned_data(command: str, data: dict) -> dict:
-    """A success reply must carry, well formed, every field its step learns (sagas.flow)."""
+    """A success reply must carry, well formed, every field its step learns (sagas.flows)."""
     definition = STEP_BY_COMMAND[command]
     if command != definition.command:
         return data  # a compensation teaches nothing

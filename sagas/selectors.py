@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from django.db.models import Count, Q, QuerySet
 
 from sagas import engine
-from sagas.flow import ORDER_SAGA, StepDefinition
+from sagas.flows import ORDER_SAGA, StepDefinition
 from sagas.models import Saga, TimelineEntry
 
 # The list page reads these columns only: `state` and `items` are JSON documents per row.
@@ -95,7 +95,7 @@ def _undo(saga: engine.SagaState, step: engine.StepState) -> str | None:
 
 
 def step_diagram(state: engine.SagaState) -> list[DiagramStep]:
-    """The saga's steps in flow order, from the engine state mirrored on its row."""
+    """The saga's steps in flow order, from the engine state its row records."""
     return [
         DiagramStep(
             position=position,

@@ -22,7 +22,7 @@ from django.conf import settings
 from django.db import IntegrityError, InterfaceError, OperationalError, transaction
 from django.utils import timezone as django_timezone
 
-from sagas import engine, live, mirror, outbox, store
+from sagas import engine, live, live_state, outbox, records
 from sagas.engine import Decision, Limits, Reply, SagaState
 from sagas.models import OutboxMessage, Saga, SagaStep, TimelineEntry
 
@@ -126,8 +126,8 @@ def _commit(changes: list[_Change]) -> list[OutboxMessage]:
     """Mirror the changes in one transaction, each saga's row compare-and-set on its version;
     raises _Lost, rolling all of them back, if any saga moved meanwhile. Returns the outbox rows."""
     with transaction.atomic():
-        with mirror.pipeline():
-            saga_rows = [mirror.update(Saga, {"pk": c.saga_id, "version": c.before.version}, _row_fields(c.decision.state))
+        with records.pipeline():
+            saga_rows = [records.update(Saga, {"pk": c.saga_id, "version": c.before.version}, _row_fields(c.decision.state))
                          for c in changes]
             _mirror_steps(changes)
             rows = _append_history(changes)
@@ -138,15 +138,15 @@ def _commit(changes: list[_Change]) -> list[OutboxMessage]:
 
 def _append_history(changes: list[_Change]) -> list[OutboxMessage]:
     """The timeline entries and the outbox rows of the changes, inside their transaction."""
-    mirror.insert([e for c in changes for e in _timeline(c.saga_id, c.cause, c.decision, c.before, c.now)])
-    return mirror.insert([outbox.outbox_row(c.saga_id, m) for c in changes for m in c.decision.messages])
+    records.insert([e for c in changes for e in _timeline(c.saga_id, c.cause, c.decision, c.before, c.now)])
+    return records.insert([outbox.outbox_row(c.saga_id, m) for c in changes for m in c.decision.messages])
 
 
 def _announce(changes: list[_Change], rows: list[OutboxMessage]) -> None:
     """After the commit: the log lines, the states to Redis, the messages to the broker, the live pages."""
     for change in changes:
         _log_decision(change.cause, change.decision)
-    store.write_states([change.decision.state for change in changes])
+    live_state.write_states([change.decision.state for change in changes])
     if rows:
         outbox.publish(rows)
     for change in changes:
@@ -158,7 +158,7 @@ def _mirror_steps(changes: list[_Change]) -> None:
     changed = [[c.saga_id, new.name, new.status, new.attempts, new.compensation_attempts, now]
                for c in changes for old, new in zip(c.before.steps, c.decision.state.steps) if old != new]
     if changed:
-        mirror.update_many(SagaStep, ["saga_id", "name"], ["status", "attempts", "compensation_attempts", "updated_at"],
+        records.update_many(SagaStep, ["saga_id", "name"], ["status", "attempts", "compensation_attempts", "updated_at"],
                            changed)
 
 
@@ -190,12 +190,12 @@ def start_order_saga(
     cause = Cause(kind=TimelineEntry.Kind.STARTED, actor=user_id, body={"items": items, "currency": currency})
     change = _Change(saga_id, cause, None, decision, now)
     try:
-        with transaction.atomic(), mirror.pipeline():
-            [saga] = mirror.insert([Saga(
+        with transaction.atomic(), records.pipeline():
+            [saga] = records.insert([Saga(
                 id=saga_id, user_id=user_id, currency=currency, items=items, payment_method=payment_method,
                 idempotency_key=idempotency_key, request_fingerprint=fingerprint, **_row_fields(state),
             )])
-            mirror.insert([
+            records.insert([
                 SagaStep(saga=saga, position=i, name=step.name, status=step.status, attempts=step.attempts)
                 for i, step in enumerate(state.steps)
             ])
@@ -223,7 +223,7 @@ def state_of(saga: Saga) -> SagaState:
 
 def load_saga_state(saga_id: str, *, from_database: bool = False) -> SagaState:
     """The saga's live state: from Redis, or rebuilt from the database mirror (and put back)."""
-    state = None if from_database else store.read_state(saga_id)
+    state = None if from_database else live_state.read_state(saga_id)
     if state is None:
         row = Saga.objects.filter(pk=saga_id).only("state", "version").first()
         if row is None:
@@ -231,7 +231,7 @@ def load_saga_state(saga_id: str, *, from_database: bool = False) -> SagaState:
         state = state_of(row)
         if not from_database:
             log.info("saga rebuilt from the database", extra={"saga_id": saga_id, "version": state.version})
-        store.write_state(state)
+        live_state.write_state(state)
     return state
 
 
@@ -251,7 +251,7 @@ def _transition(saga_id: str, decide: Callable[[SagaState, float], Decision], ca
                 from_database = True  # Redis was behind: judge the event against the record of truth
                 continue
             if record_ignored:
-                mirror.insert(_timeline(saga_id, cause, decision, before, now))
+                records.insert(_timeline(saga_id, cause, decision, before, now))
                 _log_decision(cause, decision)
             return decision
         change = _Change(saga_id, cause, before, _next_version(decision, before), now)
@@ -307,7 +307,7 @@ def handle_replies(replies: list[IncomingReply]) -> list[bool]:
     redelivery, a duplicate, a later reply of the same saga, or all of them if any saga moved
     meanwhile) is left to `handle_reply`, to be judged alone, after these, in delivery order."""
     now, limits, seen, changes, applied = time.time(), saga_limits(), set(), [], [False] * len(replies)
-    for position, (incoming, before) in enumerate(zip(replies, store.read_states([r.saga_id for r in replies]))):
+    for position, (incoming, before) in enumerate(zip(replies, live_state.read_states([r.saga_id for r in replies]))):
         first_of_saga = incoming.saga_id not in seen
         seen.add(incoming.saga_id)
         if not first_of_saga or before is None or incoming.redelivered:

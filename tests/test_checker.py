@@ -18,7 +18,8 @@ from hypothesis import given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
-from sagas import messaging, outbox, services
+from sagas import outbox, services
+from sagas.broker import EVENTS_EXCHANGE, PARTICIPANT_QUEUES
 from sagas.demo.participants import Ledger, handle_command, read_evidence, refuse_compensations, reply_plan
 from sagas.engine import TERMINAL, Reply
 from sagas.models import Saga, TimelineEntry
@@ -76,7 +77,7 @@ class Run:
 
     def _deliver(self, ledger: Ledger, lose_reply) -> int:
         delivered = 0
-        for queue in messaging.PARTICIPANT_QUEUES:
+        for queue in PARTICIPANT_QUEUES:
             for message in infra.take_all(self.vhost, queue):
                 body = json.loads(message.body)
                 reply = handle_command(ledger, body)
@@ -107,7 +108,7 @@ def run(transactional_db, fresh_redis, fresh_queues, settings, tmp_path):
     settings.SAGA_STEP_MAX_ATTEMPTS = 3
     settings.SAGA_COMPENSATION_MAX_ATTEMPTS = 2
     vhost = settings.RABBITMQ["vhost"]
-    infra.declare_queue(vhost, EVENTS_QUEUE, bind_to=(messaging.EVENTS_EXCHANGE, "saga.*"))
+    infra.declare_queue(vhost, EVENTS_QUEUE, bind_to=(EVENTS_EXCHANGE, "saga.*"))
     try:
         yield Run(vhost, str(tmp_path / "ledger.sqlite3"))
     finally:

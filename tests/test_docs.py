@@ -21,9 +21,19 @@ from hypothesis import strategies as st
 from referencing import Registry
 from referencing.jsonschema import DRAFT7
 
-from sagas import consumer, engine, messaging
+from sagas import consumer, engine
+from sagas.broker import (
+    COMMANDS_EXCHANGE,
+    DEAD_LETTER_LIMIT,
+    DEAD_LETTER_POLICY,
+    DEAD_LETTER_QUEUE,
+    DEAD_LETTER_REASON,
+    EVENTS_EXCHANGE,
+    PARTICIPANT_QUEUES,
+    REPLIES_QUEUE,
+)
 from sagas.engine import ActionRefused, Command, Event, Limits
-from sagas.flow import ORDER_SAGA
+from sagas.flows import ORDER_SAGA
 from sagas.replies import parse_reply
 
 REPO = Path(__file__).resolve().parent.parent
@@ -98,17 +108,17 @@ def documented(pointer: str) -> jsonschema.Draft7Validator:
 
 def test_asyncapi_names_the_topology_the_code_declares():
     commands = {command for step in ORDER_SAGA for command in (step.command, step.compensation)}
-    assert set(routes(messaging.COMMANDS_EXCHANGE)) == commands
+    assert set(routes(COMMANDS_EXCHANGE)) == commands
     events = {f"saga.{status}" for status in engine.TERMINAL} | {engine.UNDONE_TWICE}
-    assert set(routes(messaging.EVENTS_EXCHANGE)) == events
-    declared = {*messaging.PARTICIPANT_QUEUES, messaging.REPLIES_QUEUE, messaging.DEAD_LETTER_QUEUE}
+    assert set(routes(EVENTS_EXCHANGE)) == events
+    declared = {*PARTICIPANT_QUEUES, REPLIES_QUEUE, DEAD_LETTER_QUEUE}
     assert set(queues()) == declared
     for name, channel in queues().items():
         assert channel["bindings"]["amqp"]["queue"] == {"name": name, "durable": True, "exclusive": False, "autoDelete": False}
-    for queue_name, binding in messaging.PARTICIPANT_QUEUES.items():
+    for queue_name, binding in PARTICIPANT_QUEUES.items():
         assert f"`{binding}`" in queues()[queue_name]["description"]
-    assert f"{messaging.DEAD_LETTER_LIMIT}" in queues()[messaging.DEAD_LETTER_QUEUE]["description"].replace(",", "")
-    assert messaging.DEAD_LETTER_POLICY in queues()[messaging.DEAD_LETTER_QUEUE]["description"]
+    assert f"{DEAD_LETTER_LIMIT}" in queues()[DEAD_LETTER_QUEUE]["description"].replace(",", "")
+    assert DEAD_LETTER_POLICY in queues()[DEAD_LETTER_QUEUE]["description"]
 
 
 def test_asyncapi_documents_the_headers_the_consumer_writes():
@@ -116,7 +126,7 @@ def test_asyncapi_documents_the_headers_the_consumer_writes():
     assert consumer.TRIES_HEADER in messages["Reply"]["headers"]["properties"]
     assert consumer.TRIES_HEADER in messages["DeadLetter"]["headers"]["properties"]
     assert consumer.TRIES_SIGNATURE_HEADER in messages["Reply"]["headers"]["properties"]
-    assert messages["DeadLetter"]["headers"]["required"] == [messaging.DEAD_LETTER_REASON]
+    assert messages["DeadLetter"]["headers"]["required"] == [DEAD_LETTER_REASON]
     assert "user_id" in messages["Reply"]["x-amqp-properties"]["properties"]
 
 
@@ -155,7 +165,7 @@ def test_every_message_the_engine_sends_has_its_documented_shape(order, moves, t
     parser), timeouts and staff actions in any order: every command and event sent is documented."""
     saga_id, now = str(uuid.uuid4()), 0.0
     decision = engine.start(saga_id=saga_id, facts=order, limits=LIMITS, now=now)
-    sent, commands, events = list(decision.messages), routes(messaging.COMMANDS_EXCHANGE), routes(messaging.EVENTS_EXCHANGE)
+    sent, commands, events = list(decision.messages), routes(COMMANDS_EXCHANGE), routes(EVENTS_EXCHANGE)
     state = decision.state
     for action, pick in moves:
         now += 1.0

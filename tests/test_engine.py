@@ -10,7 +10,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from sagas import engine
 from sagas.engine import ActionRefused, Command, Event, Limits, Reply
-from sagas.flow import ORDER_SAGA, RetryPolicy
+from sagas.flows import ORDER_SAGA, RetryPolicy
 
 LIMITS = Limits(step_timeout=10.0, step_max_attempts=3, compensation_max_attempts=4, backoff=2.0, max_wait=300.0)
 FACTS = {"user_id": "alice", "items": [{"product_id": "sku-1", "quantity": 2}], "currency": "EUR", "payment_method": "pm-1"}

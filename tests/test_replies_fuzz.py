@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sagas import services
-from sagas.flow import STEP_BY_COMMAND
+from sagas.flows import STEP_BY_COMMAND
 from sagas.models import Saga, TimelineEntry
 from sagas.replies import MAX_DEPTH, PoisonMessage, parse_reply
 from tests.conftest import ORDER
@@ -131,7 +131,7 @@ def _store_in_savepoint(saga: Saga, saga_id: str, reply) -> None:
     assert (entry.command, entry.attempt, entry.status) == (reply.command, reply.attempt, reply.status)
     assert entry.reason == (reply.reason or "")
     assert _same_json(entry.body, body)
-    # the facts a success teaches go to the saga's columns (sagas.flow: data field -> fact)
+    # the facts a success teaches go to the saga's columns (sagas.flows: data field -> fact)
     learned = {fact: reply.data[field] for field, fact in STEP_BY_COMMAND[reply.command].learns
                if reply.status == "success" and reply.command == STEP_BY_COMMAND[reply.command].command}
     Saga.objects.filter(pk=saga.pk).update(

@@ -1,6 +1,6 @@
 """The raw broker baseline for tools/benchmark.py: 3-step command/reply chains with no state.
 
-One process, one thread, one `sagas.messaging.Broker` (so the same pika settings, persistent
+One process, one thread, one `sagas.broker.Broker` (so the same pika settings, persistent
 messages and publisher confirms as the orchestrator), driving chains against the demo
 participants: stock.reduce -> payment.take -> order.create, each command published to
 saga.commands with reply_to = this process's own exclusive reply queue; the next command goes
@@ -33,8 +33,8 @@ import django  # noqa: E402
 django.setup()
 
 from sagas import engine  # noqa: E402
-from sagas.flow import ORDER_SAGA, build_payload  # noqa: E402
-from sagas.messaging import COMMANDS_EXCHANGE, Broker, Delivery, encode  # noqa: E402
+from sagas.broker import COMMANDS_EXCHANGE, Broker, Delivery, encode  # noqa: E402
+from sagas.flows import ORDER_SAGA, build_payload  # noqa: E402
 
 ITEMS = [{"product_id": "sku-1", "quantity": 1}]
 STEPS = tuple(s.command for s in ORDER_SAGA)

@@ -40,6 +40,16 @@ from pathlib import Path
 
 from django.conf import settings
 
+from sagas.broker import (
+    PARTICIPANT_QUEUES,
+    REPLIES_QUEUE,
+    Broker,
+    BrokerUnavailable,
+    Delivery,
+    RetryLater,
+    Unroutable,
+    encode,
+)
 from sagas.demo.catalogue import (
     DECLINED_PAYMENT_METHOD,
     DUPLICATE_REPLY_PRODUCT,
@@ -49,16 +59,6 @@ from sagas.demo.catalogue import (
     SLOW_REPLY_SECONDS,
     UNORDERABLE_PRODUCT,
     Product,
-)
-from sagas.messaging import (
-    PARTICIPANT_QUEUES,
-    REPLIES_QUEUE,
-    Broker,
-    BrokerUnavailable,
-    Delivery,
-    RetryLater,
-    Unroutable,
-    encode,
 )
 
 log = logging.getLogger(__name__)

@@ -25,10 +25,10 @@ from decimal import Decimal
 
 import psycopg
 
+from sagas.broker import DEAD_LETTER_QUEUE, PARTICIPANT_QUEUES, REPLIES_QUEUE
 from sagas.demo.participants import read_evidence
 from sagas.engine import GAVE_UP, timed_out_reason
-from sagas.flow import ORDER_SAGA, STEP_BY_COMMAND
-from sagas.messaging import DEAD_LETTER_QUEUE, PARTICIPANT_QUEUES, REPLIES_QUEUE
+from sagas.flows import ORDER_SAGA, STEP_BY_COMMAND
 from tools.faults import infra
 from tools.faults.orders import FORBIDDEN, SHOULD_COMPLETE, Order
 from tools.faults.schedule import DELAYS_REPLIES, REFUSES_COMPENSATIONS

@@ -6,7 +6,7 @@ import json
 import random
 import uuid
 
-from sagas.messaging import REPLIES_QUEUE
+from sagas.broker import REPLIES_QUEUE
 from tools.faults.infra import RawMessage
 
 

@@ -18,8 +18,8 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sagas.broker import EVENTS_EXCHANGE, PARTICIPANT_QUEUES, REPLIES_QUEUE
 from sagas.demo.participants import refuse_compensations
-from sagas.messaging import EVENTS_EXCHANGE, PARTICIPANT_QUEUES, REPLIES_QUEUE
 from tools.faults import infra
 from tools.faults.checker import (
     EVENTS_QUEUE,

@@ -17,7 +17,7 @@ from django.core.management.base import BaseCommand, CommandError
 from django.utils import timezone
 
 from sagas import engine
-from sagas.flow import ORDER_SAGA
+from sagas.flows import ORDER_SAGA
 from sagas.models import Saga
 
 # (status, share of the sagas); running sagas are spread over the three steps

@@ -1,10 +1,10 @@
 """The consume loop's rounds, on the real broker: the deliveries that arrived together go to
 `handle_batch` first, the rest to `handle` one by one, and each is acked exactly once."""
-from sagas import messaging
+from sagas.broker import Broker
 
 
 def test_a_round_goes_to_handle_batch_first_and_the_rest_one_by_one_each_acked_once(private_queue):
-    broker = messaging.Broker()
+    broker = Broker()
     sent = [str(n).encode() for n in range(40)]
     for body in sent:
         broker.publish(exchange="", routing_key=private_queue, body=body)
