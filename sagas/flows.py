@@ -1,9 +1,13 @@
-"""The order saga, declared as data: its steps in order, the command that does each one, the
-command that undoes it, what each command carries, and what each success reply teaches us.
+"""Flows as data: a flow's steps in order, the command that does each one, the command that
+undoes it, what each command carries, and what each success reply teaches us.
 
 A payload is a selection of the saga's facts (user_id, items, currency, payment_method, and
-`amount` / `order_id` once the participants have told us). A new saga type is a new tuple.
+`amount` / `order_id` once the participants have told us). A new saga type is a new `Flow`; a
+change to a flow is a new version registered beside the old one, which stays while sagas started
+on it are unfinished (each saga records the (name, version) it started on and finishes on it).
 """
+from __future__ import annotations
+
 from dataclasses import dataclass, field
 
 
@@ -31,7 +35,40 @@ class StepDefinition:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
 
 
-ORDER_SAGA: tuple[StepDefinition, ...] = (
+@dataclass(frozen=True)
+class Flow:
+    name: str
+    version: int
+    steps: tuple[StepDefinition, ...]
+
+    def step(self, name: str) -> StepDefinition:
+        return next(step for step in self.steps if step.name == name)
+
+    def step_of(self, command: str) -> StepDefinition | None:
+        """The step that `command` does or undoes; None if this flow has no such command."""
+        return next((step for step in self.steps if command in (step.command, step.compensation)), None)
+
+    @property
+    def commands(self) -> frozenset[str]:
+        return frozenset(command for step in self.steps for command in (step.command, step.compensation))
+
+    @property
+    def participants(self) -> frozenset[str]:
+        return frozenset(participant_of(command) for command in self.commands)
+
+    def __str__(self) -> str:
+        return f"{self.name} v{self.version}"
+
+
+class UnknownFlow(LookupError):
+    """A saga names a flow (name, version) that no module registered."""
+
+
+def participant_of(command: str) -> str:
+    return command.partition(".")[0]
+
+
+ORDER_FLOW = Flow("order", 1, (
     StepDefinition(
         name="reduce_stock",
         command="stock.reduce",
@@ -56,9 +93,55 @@ ORDER_SAGA: tuple[StepDefinition, ...] = (
         compensation_payload=("user_id", "items", "amount", "currency", "order_id?"),
         learns=(("order_id", "order_id"),),
     ),
-)
+))
 
-STEP_BY_COMMAND = {command: step for step in ORDER_SAGA for command in (step.command, step.compensation)}
+_registry: dict[tuple[str, int], Flow] = {}
+
+
+def register(flow: Flow) -> Flow:
+    """Make `flow` known (the next version of a flow is registered beside the earlier ones)."""
+    known = _registry.setdefault((flow.name, flow.version), flow)
+    if known is not flow and known != flow:
+        raise ValueError(f"flow {flow} is already registered with other steps: give the change a new version")
+    return flow
+
+
+def unregister(flow: Flow) -> None:
+    """Forget `flow` (an old version no unfinished saga uses any more; tests' own flows)."""
+    if _registry.get((flow.name, flow.version)) == flow:
+        del _registry[(flow.name, flow.version)]
+
+
+def get(name: str, version: int) -> Flow:
+    try:
+        return _registry[(name, version)]
+    except KeyError:
+        raise UnknownFlow(f"no flow {name} v{version} is registered") from None
+
+
+def latest(name: str) -> Flow:
+    """The version new sagas of this flow start on."""
+    versions = [flow for (flow_name, _), flow in _registry.items() if flow_name == name]
+    if not versions:
+        raise UnknownFlow(f"no flow {name} is registered")
+    return max(versions, key=lambda flow: flow.version)
+
+
+def registered() -> list[Flow]:
+    return list(_registry.values())
+
+
+def any_step_of(command: str) -> StepDefinition | None:
+    """The step of a registered flow that `command` belongs to (the newest flow's, if several
+    share it); None: no registered flow has this command."""
+    for flow in sorted(_registry.values(), key=lambda flow: flow.version, reverse=True):
+        step = flow.step_of(command)
+        if step is not None:
+            return step
+    return None
+
+
+register(ORDER_FLOW)
 
 
 def build_payload(fields: tuple[str, ...], facts: dict) -> dict:

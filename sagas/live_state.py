@@ -11,7 +11,8 @@ import logging
 from django_redis import get_redis_connection
 from redis.exceptions import RedisError
 
-from sagas.engine import TERMINAL, SagaState, state_from_dict, state_to_dict
+from sagas.engine import SagaState, state_from_dict, state_to_dict
+from sagas.vocabulary import TERMINAL
 
 log = logging.getLogger(__name__)
 

@@ -34,10 +34,10 @@ django.setup()
 
 from sagas import engine  # noqa: E402
 from sagas.broker import COMMANDS_EXCHANGE, Broker, Delivery, encode  # noqa: E402
-from sagas.flows import ORDER_SAGA, build_payload  # noqa: E402
+from sagas.flows import ORDER_FLOW, build_payload  # noqa: E402
 
 ITEMS = [{"product_id": "sku-1", "quantity": 1}]
-STEPS = tuple(s.command for s in ORDER_SAGA)
+STEPS = tuple(s.command for s in ORDER_FLOW.steps)
 
 
 @dataclass
@@ -126,7 +126,7 @@ class Driver:
         command = STEPS[chain.step]
         facts = {"user_id": "alice", "items": ITEMS, "amount": chain.total, "currency": "EUR",
                  "payment_method": None}
-        payload = build_payload(ORDER_SAGA[chain.step].payload, facts)
+        payload = build_payload(ORDER_FLOW.steps[chain.step].payload, facts)
         body = engine.Command(chain.saga_id, command, 1, payload).body()
         self.broker.publish(exchange=COMMANDS_EXCHANGE, routing_key=command, body=encode(body),
                             correlation_id=chain.saga_id, reply_to=self.reply_queue)
