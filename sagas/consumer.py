@@ -116,6 +116,8 @@ class SagaConsumer:
                                   redelivered=judged.redelivered)
         except services.SagaNotFound:
             self.dead_letter(delivery, f"unknown saga {saga_id}", saga_id=None)
+        except services.NotInFlow as refused:
+            self.dead_letter(delivery, str(refused), saga_id=saga_id)
         except (OperationalError, InterfaceError) as error:
             close_old_connections()
             if not _database_answers():

@@ -41,6 +41,11 @@ class ConcurrentChange(Exception):
     """Others kept changing the saga while we tried; the caller may try again later."""
 
 
+class NotInFlow(Exception):
+    """A reply for a command the saga's flow does not have (another flow's, or another version's):
+    it can never apply to this saga; the message says so, for the dead letter."""
+
+
 @dataclass(frozen=True)
 class Cause:
     """What asked for a change, as the timeline will show it."""
@@ -256,8 +261,14 @@ class IncomingReply:
 
 def handle_reply(*, saga_id: str, reply: Reply, message_id: str = "", redelivered: bool = False) -> Decision:
     cause = IncomingReply(saga_id, reply, message_id, redelivered).cause()
-    return _transition(saga_id, lambda state, now: engine.on_reply(engine.flow_of(state), state, reply,
-                                                                  limits=saga_limits(), now=now), cause)
+
+    def decide(state: SagaState, now: float) -> Decision:
+        flow = engine.flow_of(state)
+        if flow.step_of(reply.command) is None:
+            raise NotInFlow(f"{reply.command} is not a command of flow {flow}, which saga {saga_id} runs on")
+        return engine.on_reply(flow, state, reply, limits=saga_limits(), now=now)
+
+    return _transition(saga_id, decide, cause)
 
 
 def handle_replies(replies: list[IncomingReply]) -> list[bool]:
@@ -273,6 +284,8 @@ def handle_replies(replies: list[IncomingReply]) -> list[bool]:
         seen.add(incoming.saga_id)
         if not first_of_saga or before is None or incoming.redelivered:
             continue
+        if engine.flow_of(before).step_of(incoming.reply.command) is None:
+            continue  # handle_reply says why it is dead-lettered
         decision = engine.on_reply(engine.flow_of(before), before, incoming.reply, limits=limits, now=now)
         if decision.changed:
             changes.append(_Change(incoming.saga_id, incoming.cause(), before, _next_version(decision, before), now))

@@ -495,7 +495,7 @@ def test_staff_receive_progress_of_a_saga_on_its_socket(make_staff, fresh_redis)
         return message
 
     message = async_to_sync(listen)()
-    assert (message["type"], message["saga_id"], message["status"]) == ("saga.progress", saga_id, "running")
+    assert message == {"type": "saga.progress", "saga_id": saga_id}  # all that live.js uses
 
 
 @pytest.mark.django_db(transaction=True)

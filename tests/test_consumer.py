@@ -12,12 +12,14 @@ import threading
 import pytest
 import requests
 
-from sagas import services
+from sagas import flows, services
 from sagas.broker import DEAD_LETTER_QUEUE, HEADERS_DROPPED, Broker
 from sagas.consumer import MAX_HANDLER_TRIES, TRIES_HEADER, TRIES_SIGNATURE_HEADER, SagaConsumer
+from sagas.flows import Flow
 from sagas.models import OutboxMessage, Saga, TimelineEntry
 from tests import hostile_bus
 from tests.conftest import ORDER, database_url, finished, in_thread, wait_for
+from tests.test_engine import SHIPPING
 from tools.stack import ROOT, Stack, free_port
 
 pytestmark = [pytest.mark.integration]
@@ -199,3 +201,23 @@ def test_headers_we_cannot_copy_are_dropped_from_the_dead_letter_not_the_reason(
     assert dead.body == body
     assert "not valid UTF-8 JSON" in dead.headers["x-dead-letter-reason"]
     assert "over" in dead.headers[HEADERS_DROPPED]
+
+
+@pytest.fixture
+def shipping_flow():
+    """A flow with a shipping step, registered beside the order flow for the test's length."""
+    flow = flows.register(Flow("order-shipped", 1, (*flows.ORDER_FLOW.steps, SHIPPING)))
+    yield flow
+    flows.unregister(flow)
+
+
+def test_a_reply_for_a_command_not_in_the_sagas_flow_is_dead_lettered_with_why(replies_consumer, shipping_flow):
+    saga_id, = hostile_bus.awaiting_sagas(1)  # an order v1 saga: it has no shipping step
+    body = hostile_bus.good_reply(saga_id, command="shipping.dispatch", data={"shipment_id": "sh-1"})
+    hostile_bus.publish_round([hostile_bus.Outgoing(body)])
+    (dead,) = dead_letters(Broker(), 1)
+    assert dead.body == body
+    assert dead.headers["x-dead-letter-reason"] == (
+        f"shipping.dispatch is not a command of flow order v1, which saga {saga_id} runs on")
+    assert TimelineEntry.objects.filter(saga_id=saga_id, kind="dead_letter").exists()
+    assert Saga.objects.get(pk=saga_id).version == 1  # nothing else changed

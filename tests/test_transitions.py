@@ -8,8 +8,10 @@ import pytest
 from django.db import IntegrityError, transaction
 from django_redis import get_redis_connection
 
-from sagas import engine, live_state, records, services
+from sagas import engine, flows, live_state, records, services
+from sagas.flows import Flow
 from sagas.models import OutboxMessage, Saga, TimelineEntry
+from tests.test_engine import SHIPPING
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -97,3 +99,21 @@ def test_replies_applied_together_are_all_rolled_back_if_one_saga_moved_meanwhil
     assert not TimelineEntry.objects.filter(saga_id=a, kind="reply").exists()
     assert services.handle_reply(saga_id=a, reply=STOCK_DONE, message_id="m-a").changed
     assert not services.handle_reply(saga_id=b, reply=STOCK_DONE, message_id="m-b2").changed
+
+
+def test_a_saga_finishes_on_the_flow_version_it_started_on_when_a_new_version_is_registered(fresh_redis, fresh_queues):
+    old = start()
+    order_v2 = flows.register(Flow("order", 2, (*flows.ORDER_FLOW.steps, SHIPPING)))
+    try:
+        new = start()  # new sagas start on the newest version
+        assert [tuple(Saga.objects.filter(pk=s).values_list("flow_name", "flow_version").get()) for s in (old, new)] \
+            == [("order", 1), ("order", 2)]
+        for saga_id in (old, new):
+            for reply in (STOCK_DONE, engine.Reply("payment.take", 1, "success"),
+                          engine.Reply("order.create", 1, "success", data={"order_id": "o-1"})):
+                assert services.handle_reply(saga_id=saga_id, reply=reply).changed
+        assert Saga.objects.get(pk=old).status == "completed"  # v1 has three steps
+        assert sent(old)[-1] == "saga.completed"
+        assert (Saga.objects.get(pk=new).status, sent(new)[-1]) == ("running", "shipping.dispatch")
+    finally:
+        flows.unregister(order_v2)
