@@ -1,5 +1,5 @@
 """The service's words, defined once: saga and step statuses, reply statuses, timeline kinds,
-staff actions, what became of a reply, and the failure reasons the engine writes itself.
+staff actions and the failure reasons the engine writes itself.
 
 The engine, the models (their choices are built from these), the API, the admin and the tests
 import them from here. Command names are not here: they come from the flow declarations
@@ -65,14 +65,6 @@ class StaffAction(StrEnum):
     RETRY = "retry"
     RESUME = "resume"
     MARK_COMPENSATED = "mark-compensated"
-
-
-class ReplyOutcome(StrEnum):
-    """What became of a reply (the saga_replies_total{outcome} label)."""
-
-    APPLIED = "applied"
-    IGNORED = "ignored"
-    DEAD_LETTERED = "dead_lettered"
 
 
 # The engine's own failure reasons (sagas.failure_reasons puts them in words).
