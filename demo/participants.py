@@ -55,7 +55,7 @@ from demo.catalogue import (
     UNORDERABLE_PRODUCT,
     Product,
 )
-from sagas.messaging import (
+from sagas.broker import (
     COMMANDS_EXCHANGE,
     PARTICIPANT_QUEUES,
     REPLIES_QUEUE,

@@ -162,7 +162,7 @@ class EventListener:
         self._thread.join(5)
 
     def _run(self) -> None:
-        from sagas.messaging import EVENTS_EXCHANGE, Broker, BrokerUnavailable
+        from sagas.broker import EVENTS_EXCHANGE, Broker, BrokerUnavailable
 
         broker = Broker()
         # The private queue goes with the connection: when the broker connection is lost (the

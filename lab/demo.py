@@ -53,7 +53,7 @@ HOW_TO_START = {
 
 
 def _check_rabbitmq(settings) -> str | None:
-    from sagas.messaging import Broker, BrokerUnavailable
+    from sagas.broker import Broker, BrokerUnavailable
 
     broker = Broker()
     try:

@@ -1,6 +1,6 @@
 """The raw broker baseline for lab/benchmark.py: 3-step command/reply chains with no state.
 
-One process, one thread, one `sagas.messaging.Broker` (so the same pika settings, persistent
+One process, one thread, one `sagas.broker.Broker` (so the same pika settings, persistent
 messages and publisher confirms as the orchestrator), driving chains against the demo
 participants: stock.reduce -> payment.take -> order.create, each command published to
 saga.commands with reply_to = this process's own exclusive reply queue; the next command goes
@@ -26,11 +26,11 @@ from dataclasses import dataclass, field
 import django
 
 from sagas import engine
-from sagas.flow import ORDER_SAGA, build_payload
-from sagas.messaging import COMMANDS_EXCHANGE, Broker, Delivery, encode
+from sagas.broker import COMMANDS_EXCHANGE, Broker, Delivery, encode
+from sagas.flows import ORDER_FLOW, build_payload
 
 ITEMS = [{"product_id": "sku-1", "quantity": 1}]
-STEPS = tuple(s.command for s in ORDER_SAGA)
+STEPS = tuple(s.command for s in ORDER_FLOW.steps)
 
 
 @dataclass
@@ -119,7 +119,7 @@ class Driver:
         command = STEPS[chain.step]
         facts = {"user_id": "alice", "items": ITEMS, "amount": chain.total, "currency": "EUR",
                  "payment_method": None}
-        payload = build_payload(ORDER_SAGA[chain.step].payload, facts)
+        payload = build_payload(ORDER_FLOW.steps[chain.step].payload, facts)
         body = engine.Command(chain.saga_id, command, 1, payload).body()
         self.broker.publish(exchange=COMMANDS_EXCHANGE, routing_key=command, body=encode(body),
                             correlation_id=chain.saga_id, reply_to=self.reply_queue)

@@ -53,7 +53,7 @@ def service_logging(*, log_format: str | None, level: str | None) -> dict:
         "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "service", "filters": ["without_colour"]}},
         "root": {"handlers": ["console"], "level": level},
         "loggers": {
-            "pika": {"level": "CRITICAL"},  # sagas.messaging logs what matters
+            "pika": {"level": "CRITICAL"},  # sagas.broker logs what matters
             # Django's default handlers print a second, bare line in debug mode (and would mail
             # ADMINS): the root handler prints them once, in the one format
             "django": {"handlers": [], "level": level, "propagate": True},

@@ -170,11 +170,11 @@ API_THROTTLE_ANON = env_rate("API_THROTTLE_ANON")
 def _participant_users(raw: str | None) -> dict[str, str]:
     """PARTICIPANT_USERS=stock=stock-svc,payment=pay-svc,order=order-svc: the RabbitMQ user whose
     replies each participant's commands accept. Unset: any sender is believed."""
-    from sagas.flow import ORDER_SAGA  # plain data, no models: safe before apps load
+    from sagas.flows import ORDER_FLOW  # plain data, no models: safe before apps load
 
     if raw is None:
         return {}
-    participants = {step.command.partition(".")[0] for step in ORDER_SAGA}
+    participants = {step.command.partition(".")[0] for step in ORDER_FLOW.steps}
     users = {}
     for item in raw.split(","):
         participant, equals, user = (part.strip() for part in item.partition("="))

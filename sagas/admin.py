@@ -1,6 +1,6 @@
 """The support console: find a customer's order saga, see where it is, and undo it.
 
-The list and the saga page are read-only views of the database mirror that stay fast at
+The list and the saga page are read-only views of the record (the database) that stay fast at
 100,000 sagas; every change goes through the staff actions in sagas.admin_actions.
 """
 from functools import cached_property, partial
@@ -15,11 +15,10 @@ from django.utils import timezone
 from django.utils.html import format_html
 from django.utils.timesince import timesince
 
-from sagas import admin_actions, selectors, services
+from sagas import admin_actions, engine, selectors
 from sagas.admin_filters import AgeFilter, CustomerFilter, StepFilter, StuckFilter
-from sagas.engine import participant_of
 from sagas.failure_reasons import explain_failure
-from sagas.flow import ORDER_SAGA
+from sagas.flows import participant_of
 from sagas.models import Saga
 
 STATUS_FILTER = "status__exact"  # the parameter of the list filter on the status field
@@ -135,7 +134,7 @@ class SagaAdmin(admin.ModelAdmin):
 
     def render_change_form(self, request, context, add=False, change=False, form_url="", obj=None):
         if obj is not None:
-            state = services.state_of(obj)
+            state = obj.engine_state()
             context.update(
                 saga=obj,
                 diagram=selectors.step_diagram(state),
@@ -179,7 +178,7 @@ def _timeline_context(request, saga: Saga) -> dict:
 
 def _undone_twice(state) -> list[dict]:
     """Steps that staff marked undone by hand and that a participant undid as well."""
-    commands = {step.name: step.compensation for step in ORDER_SAGA}
+    commands = {step.name: step.compensation for step in engine.flow_of(state).steps}
     return [{"name": step.name, "command": commands[step.name], "participant": participant_of(commands[step.name])}
             for step in state.steps if step.undone_twice]
 

@@ -20,7 +20,7 @@ from django.http import Http404, HttpResponseRedirect
 from django.template.response import TemplateResponse
 from django.urls import reverse
 
-from sagas import engine, services
+from sagas import engine, services, vocabulary
 from sagas.engine import ActionRefused, Decision, SagaState
 
 
@@ -68,7 +68,7 @@ class MarkStepForm(ReasonForm):
 
 @dataclass(frozen=True)
 class StaffAction:
-    slug: engine.StaffAction
+    slug: vocabulary.StaffAction
     label: str
     permission: str  # a codename from Saga.Meta.permissions
     form: type[ReasonForm]
@@ -85,16 +85,16 @@ class StaffAction:
 
 
 ACTIONS = (
-    StaffAction(engine.StaffAction.COMPENSATE, "Compensate", "compensate_saga", CompensateForm, services.compensate_saga,
+    StaffAction(vocabulary.StaffAction.COMPENSATE, "Compensate", "compensate_saga", CompensateForm, services.compensate_saga,
                 "Undo every step that took effect, latest first. Works on running, completed and failed sagas; "
                 "a command still in flight is undone too, in case it took effect."),
-    StaffAction(engine.StaffAction.RETRY, "Retry now", "retry_saga", ReasonForm, services.retry_saga_step,
+    StaffAction(vocabulary.StaffAction.RETRY, "Retry now", "retry_saga", ReasonForm, services.retry_saga_step,
                 "Send the command the saga is waiting for again now, instead of at its deadline. If its attempts "
                 "are used up, this grants one more; it never gives up on the step or undoes the saga."),
-    StaffAction(engine.StaffAction.RESUME, "Resume compensation", "resume_saga", ReasonForm,
+    StaffAction(vocabulary.StaffAction.RESUME, "Resume compensation", "resume_saga", ReasonForm,
                 services.resume_saga_compensation,
                 "Start undoing again a failed saga whose compensation gave up, with a fresh set of attempts."),
-    StaffAction(engine.StaffAction.MARK_COMPENSATED, "Mark a step compensated", "mark_step_compensated", MarkStepForm,
+    StaffAction(vocabulary.StaffAction.MARK_COMPENSATED, "Mark a step compensated", "mark_step_compensated", MarkStepForm,
                 services.mark_step_compensated,
                 "Record that a step was undone by hand (e.g. a refund made in the payment provider). "
                 "The saga then undoes what is left, or ends compensated when nothing else is owed. If a "
@@ -136,7 +136,7 @@ def run_action(model_admin, request, object_id: str, action: StaffAction):
     if not (model_admin.has_view_permission(request, saga) and request.user.has_perm(f"sagas.{action.permission}")):
         raise PermissionDenied
     saga_page = reverse("admin:sagas_saga_change", args=[saga.pk])
-    state = services.state_of(saga)  # what the staff services decide on too
+    state = saga.engine_state()  # what the staff services decide on too
     refusal = action.refusal(state) if request.method != "POST" else None
     if refusal:
         messages.error(request, refusal)
@@ -158,10 +158,10 @@ def run_action(model_admin, request, object_id: str, action: StaffAction):
         "form": form,
         "outstanding": [
             (item, datetime.fromtimestamp(item.last_sent_at, tz=dt_timezone.utc) if item.last_sent_at else None)
-            for item in engine.outstanding_compensations(state)
+            for item in engine.outstanding_compensations(engine.flow_of(state), state)
         ] if isinstance(form, MarkStepForm) else None,
         "plan": [(command, describe_payload(command.payload), json.dumps(command.payload, sort_keys=True))
-                 for command in engine.compensation_plan(state)]
+                 for command in engine.compensation_plan(engine.flow_of(state), state)]
         if isinstance(form, CompensateForm) else None,
         "saga_page": saga_page,
     }

@@ -1,5 +1,5 @@
 """The consumer's loop body: one reply in, one transition out; deadlines and the outbox relay
-between messages. The broker loop itself lives in sagas.messaging.
+between messages. The broker loop itself lives in sagas.broker.
 
 Every delivery ends applied or dead-lettered with a reason. Only an outage (the database
 unreachable, the broker gone) puts a message back; anything else that goes wrong with one
@@ -15,7 +15,8 @@ from django.conf import settings
 from django.db import DatabaseError, InterfaceError, OperationalError, close_old_connections, connection
 from django.utils.crypto import constant_time_compare, salted_hmac
 
-from sagas import messaging, outbox, services
+from sagas import outbox, services
+from sagas.broker import DEAD_LETTER_QUEUE, DEAD_LETTER_REASON, MAX_REASON_CHARS, REPLIES_QUEUE, Broker, Delivery, RetryLater
 from sagas.replies import PoisonMessage, parse_reply, storable_text
 
 log = logging.getLogger(__name__)
@@ -23,10 +24,10 @@ log = logging.getLogger(__name__)
 MAX_HANDLER_TRIES = 3
 TRIES_HEADER = "x-saga-handler-tries"
 TRIES_SIGNATURE_HEADER = "x-saga-handler-tries-signature"
-REASON_HEADER = messaging.DEAD_LETTER_REASON
+REASON_HEADER = DEAD_LETTER_REASON
 
 
-def handler_tries(delivery: messaging.Delivery) -> int:
+def handler_tries(delivery: Delivery) -> int:
     """The tries a delivery has had, as we counted them. Our count comes with our signature over
     it and the body, so a sender can neither make us retry forever (a negative count) nor skip
     the tries every message gets (a high one): anything else counts as none."""
@@ -49,7 +50,7 @@ def _saga_id_of(value) -> str | None:
 
 
 class SagaConsumer:
-    def __init__(self, broker: messaging.Broker, *, prefetch: int = 50, deadline_check_seconds: float = 0.25,
+    def __init__(self, broker: Broker, *, prefetch: int = 50, deadline_check_seconds: float = 0.25,
                  participant_users: dict[str, str] | None = None):
         self.broker = broker
         self.prefetch = prefetch
@@ -61,7 +62,7 @@ class SagaConsumer:
         self._next_deadline_check = 0.0
         self._next_relay = 0.0
         # the round's verdicts, so a reply handle_batch judged is not parsed again one by one
-        self._judged: dict[int, tuple[messaging.Delivery, services.IncomingReply | str]] = {}
+        self._judged: dict[int, tuple[Delivery, services.IncomingReply | str]] = {}
 
     def stop(self, *_signal) -> None:
         log.info("stopping after the message in hand")
@@ -69,15 +70,15 @@ class SagaConsumer:
 
     def run(self) -> None:
         outbox.use_publisher(self.broker)
-        self.broker.consume(messaging.REPLIES_QUEUE, self.handle_delivery, prefetch=self.prefetch,
+        self.broker.consume(REPLIES_QUEUE, self.handle_delivery, prefetch=self.prefetch,
                             should_stop=lambda: self.stopping, tick=self.tick,
                             busy_tick=lambda: self.tick(deadlines=False), handle_batch=self.handle_batch,
-                            dead_letter_queue=messaging.DEAD_LETTER_QUEUE)
+                            dead_letter_queue=DEAD_LETTER_QUEUE)
         outbox.flush_sent()
         self.broker.close()
         log.info("consumer stopped", extra={"dead_lettered": self.dead_lettered})
 
-    def judge(self, delivery: messaging.Delivery) -> services.IncomingReply | str:
+    def judge(self, delivery: Delivery) -> services.IncomingReply | str:
         """The reply a delivery carries, if we accept it; else why not. The same rules for the
         batched and the one-by-one path, and each delivery is judged once."""
         kept = self._judged.pop(id(delivery), None)
@@ -95,7 +96,7 @@ class SagaConsumer:
             return forged
         return services.IncomingReply(saga_id, reply, storable_text(delivery.message_id), delivery.redelivered)
 
-    def _forged(self, delivery: messaging.Delivery, command: str) -> str | None:
+    def _forged(self, delivery: Delivery, command: str) -> str | None:
         if not self.participant_users:
             return None
         participant = command.partition(".")[0]
@@ -105,7 +106,7 @@ class SagaConsumer:
                     f"(PARTICIPANT_USERS), this one's user_id is {delivery.user_id!r}")
         return None
 
-    def handle_delivery(self, delivery: messaging.Delivery) -> None:
+    def handle_delivery(self, delivery: Delivery) -> None:
         judged = self.judge(delivery)
         if isinstance(judged, str):
             return self.dead_letter(delivery, judged, saga_id=_saga_id_of(delivery.correlation_id))
@@ -115,15 +116,17 @@ class SagaConsumer:
                                   redelivered=judged.redelivered)
         except services.SagaNotFound:
             self.dead_letter(delivery, f"unknown saga {saga_id}", saga_id=None)
+        except services.NotInFlow as refused:
+            self.dead_letter(delivery, str(refused), saga_id=saga_id)
         except (OperationalError, InterfaceError) as error:
             close_old_connections()
             if not _database_answers():
-                raise messaging.RetryLater(f"database unavailable: {error!r}") from error
+                raise RetryLater(f"database unavailable: {error!r}") from error
             self.retry_or_dead_letter(delivery, error, saga_id=saga_id)  # the database is fine: this message is not
         except Exception as error:  # a bug or a lost race: try a few times without blocking the queue, then set aside
             self.retry_or_dead_letter(delivery, error, saga_id=saga_id)
 
-    def handle_batch(self, deliveries: list[messaging.Delivery]) -> set[int]:
+    def handle_batch(self, deliveries: list[Delivery]) -> set[int]:
         """Apply a round of replies together where that is plain sailing (see services.handle_replies);
         the positions of those applied. The rest, and all of them if anything goes wrong here, go
         through `handle_delivery` one by one."""
@@ -147,20 +150,20 @@ class SagaConsumer:
             self._judged.pop(id(deliveries[position]), None)
         return done
 
-    def retry_or_dead_letter(self, delivery: messaging.Delivery, error: Exception, *, saga_id: str | None) -> None:
+    def retry_or_dead_letter(self, delivery: Delivery, error: Exception, *, saga_id: str | None) -> None:
         tries = handler_tries(delivery) + 1
         log.exception("reply handler failed", extra={"saga_id": saga_id, "message_id": delivery.message_id, "tries": tries})
         if tries >= MAX_HANDLER_TRIES:
             return self.dead_letter(delivery, f"handler failed {tries} times: {error!r}", saga_id=saga_id)
-        self.broker.publish(exchange="", routing_key=messaging.REPLIES_QUEUE, body=delivery.body,
+        self.broker.publish(exchange="", routing_key=REPLIES_QUEUE, body=delivery.body,
                             message_id=delivery.message_id, correlation_id=delivery.correlation_id,
                             headers={**delivery.headers, TRIES_HEADER: tries,
                                      TRIES_SIGNATURE_HEADER: _tries_signature(delivery.body, tries)})
 
-    def dead_letter(self, delivery: messaging.Delivery, reason: str, *, saga_id: str | None) -> None:
+    def dead_letter(self, delivery: Delivery, reason: str, *, saga_id: str | None) -> None:
         """Set the message aside with the reason; on its saga's timeline too, when it names one we know."""
         reason = _header_text(reason)
-        self.broker.publish(exchange="", routing_key=messaging.DEAD_LETTER_QUEUE, body=delivery.body,
+        self.broker.publish(exchange="", routing_key=DEAD_LETTER_QUEUE, body=delivery.body,
                             message_id=delivery.message_id, correlation_id=delivery.correlation_id,
                             headers={**delivery.headers, REASON_HEADER: reason})
         self.dead_lettered += 1
@@ -197,7 +200,7 @@ class SagaConsumer:
 def _header_text(reason: str) -> str:
     """The reason as a header and a text column take it: UTF-8, no NUL, bounded."""
     text = reason.encode("utf-8", "backslashreplace").decode("utf-8").replace("\x00", "\\x00")
-    return text[:messaging.MAX_REASON_CHARS]
+    return text[:MAX_REASON_CHARS]
 
 
 def _database_answers() -> bool:

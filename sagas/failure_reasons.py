@@ -5,8 +5,8 @@ The engine and the participants speak in short machine reasons (`out_of_stock`,
 """
 from __future__ import annotations
 
-from sagas.engine import GAVE_UP, STAFF_REASON_PREFIX, failed_reason, timed_out_reason
-from sagas.flow import ORDER_SAGA
+from sagas import flows
+from sagas.vocabulary import GAVE_UP, STAFF_REASON_PREFIX, failed_reason, timed_out_reason
 
 STEP_WORDS = {"reduce_stock": "reserving the stock", "take_payment": "taking the payment",
               "create_order": "creating the order"}
@@ -34,10 +34,10 @@ def explain_failure(reason: str | None) -> str | None:
         return (f"Undoing the order got stuck at {undoing}: it did not succeed ({why}). Staff must act: "
                 f"resume the compensation, or mark the step compensated once it was undone by hand. "
                 f"If the service still answers with a success, the undoing carries on by itself.")
-    for step in ORDER_SAGA:
+    for step in {step.name: step for flow in flows.registered() for step in flow.steps}.values():
         if reason == timed_out_reason(step.name):
-            return (f"The service for {STEP_WORDS[step.name]} never answered, though we asked again with longer "
+            return (f"The service for {STEP_WORDS.get(step.name, step.name)} never answered, though we asked again with longer "
                     f"and longer waits, so we gave up on it and undid everything in case it had happened anyway.")
         if reason == failed_reason(step.name):
-            return f"{STEP_WORDS[step.name].capitalize()} failed without a reason given."
+            return f"{STEP_WORDS.get(step.name, step.name).capitalize()} failed without a reason given."
     return f"The order failed with the reason “{reason}”."

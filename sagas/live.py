@@ -28,15 +28,9 @@ def saga_group(saga_id: str) -> str:
 
 
 def progress(state: SagaState) -> dict:
-    return {
-        "type": "saga.progress",
-        "saga_id": state.saga_id,
-        "status": state.status,
-        "current_step": state.current_step,
-        "version": state.version,
-        "steps": [{"name": s.name, "status": s.status, "attempts": s.attempts} for s in state.steps],
-        "failure_reason": state.failure_reason,
-    }
+    """A notice says only "look again" (sagas/static/sagas/live.js re-fetches the page, which reads
+    the record); the saga id routes it to the saga's page."""
+    return {"type": "saga.progress", "saga_id": state.saga_id}
 
 
 def saga_changed(state: SagaState) -> None:

@@ -1,21 +1,44 @@
-"""The database mirror of every saga: its row, its steps, its timeline, and the outbox of
-messages that its transitions decided to send. Rows change only through sagas.services."""
+"""The record of every saga: its row, its timeline, and the outbox of messages that its
+transitions decided to send. Rows change only through sagas.services.
+
+The engine's state and a saga row map onto each other here only (`Saga.row_fields`,
+`Saga.engine_state`): the row's columns are what the API, the admin and the indexes read; the
+`state` JSON is the engine's whole state, from which a saga Redis lost is rebuilt.
+"""
+from __future__ import annotations
+
 import uuid
+from dataclasses import replace
+from datetime import datetime
+from datetime import timezone as dt_timezone
+from decimal import Decimal
 
 from django.db import models
 from django.db.models import Q
+from django.utils import timezone as django_timezone
+
+from sagas import engine, flows
+from sagas.vocabulary import SagaStatus, TimelineKind
+
+
+def _choices(name: str, vocabulary) -> type[models.TextChoices]:
+    """Django choices from a vocabulary enum; labels are the enum's own, else Django's default."""
+    return models.TextChoices(name, [(member.name, (member.value, getattr(member, "label", member.name.title())))
+                                     for member in vocabulary])
+
+
+def moment(epoch: float | None) -> datetime | None:
+    return None if epoch is None else datetime.fromtimestamp(epoch, tz=dt_timezone.utc)
 
 
 class Saga(models.Model):
-    class Status(models.TextChoices):
-        RUNNING = "running"
-        COMPENSATING = "compensating"
-        COMPLETED = "completed"
-        COMPENSATED = "compensated"
-        FAILED = "failed"
+    Status = _choices("Status", SagaStatus)
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
-    status = models.CharField(max_length=16, choices=Status.choices, default=Status.RUNNING)
+    status = models.CharField(max_length=16, choices=Status.choices, default=SagaStatus.RUNNING)
+    # the flow this saga started on, and finishes on (sagas.flows registers each version)
+    flow_name = models.CharField(max_length=64, default=flows.ORDER_FLOW.name)
+    flow_version = models.PositiveIntegerField(default=flows.ORDER_FLOW.version)
     current_step = models.CharField(max_length=32, null=True, blank=True)
     user_id = models.CharField(max_length=128)
     order_id = models.CharField(max_length=128, null=True, blank=True)
@@ -63,33 +86,35 @@ class Saga(models.Model):
     def __str__(self) -> str:
         return f"saga {self.id} ({self.status})"
 
+    @staticmethod
+    def row_fields(state: engine.SagaState) -> dict:
+        """The columns a saga row holds for `state` (those a transition writes)."""
+        facts = state.facts
+        return {
+            "status": state.status,
+            "current_step": state.current_step,
+            "order_id": facts.get("order_id"),
+            "total": Decimal(facts["amount"]) if facts.get("amount") is not None else None,
+            "failure_reason": state.failure_reason,
+            "state": engine.state_to_dict(state),
+            "version": state.version,
+            "deadline": moment(state.awaiting.deadline) if state.awaiting else None,
+            "updated_at": django_timezone.now(),
+        }
 
-class SagaStep(models.Model):
-    saga = models.ForeignKey(Saga, on_delete=models.CASCADE, related_name="steps")
-    position = models.PositiveSmallIntegerField()
-    name = models.CharField(max_length=32)
-    status = models.CharField(max_length=16)
-    attempts = models.PositiveIntegerField(default=0)
-    compensation_attempts = models.PositiveIntegerField(default=0)
-    updated_at = models.DateTimeField(auto_now=True)
+    @classmethod
+    def from_state(cls, state: engine.SagaState, **columns) -> Saga:
+        """A new saga row for a saga's first state; `columns`: those the state does not hold."""
+        return cls(id=state.saga_id, flow_name=state.flow, flow_version=state.flow_version, **columns,
+                   **cls.row_fields(state))
 
-    class Meta:
-        ordering = ["saga", "position"]
-        constraints = [models.UniqueConstraint(fields=["saga", "name"], name="saga_step_once")]
-
-    def __str__(self) -> str:
-        return f"{self.name}: {self.status}"
+    def engine_state(self) -> engine.SagaState:
+        """The state this row records (the record: Redis may be a step behind)."""
+        return replace(engine.state_from_dict(self.state), version=self.version)
 
 
 class TimelineEntry(models.Model):
-    class Kind(models.TextChoices):
-        STARTED = "started"
-        COMMAND = "command", "command sent"
-        REPLY = "reply", "reply received"
-        TIMEOUT = "timeout", "deadline passed"
-        STAFF = "staff", "staff action"
-        EVENT = "event", "event published"
-        DEAD_LETTER = "dead_letter", "dead-lettered"
+    Kind = _choices("Kind", TimelineKind)
 
     saga = models.ForeignKey(Saga, on_delete=models.CASCADE, related_name="timeline")
     at = models.DateTimeField()

@@ -18,7 +18,17 @@ from django.db import connections, transaction
 from django.db.models import Q
 from django.utils import timezone
 
-from sagas import messaging
+from sagas.broker import (
+    COMMANDS_EXCHANGE,
+    EVENTS_EXCHANGE,
+    PUBLISH_DEADLINE_SECONDS,
+    REPLIES_QUEUE,
+    Broker,
+    BrokerUnavailable,
+    Refused,
+    Unroutable,
+    encode,
+)
 from sagas.engine import Command, Event
 from sagas.models import OutboxMessage
 
@@ -29,12 +39,12 @@ RETRY_FIRST_SECONDS = 1.0
 RETRY_MAX_SECONDS = 60.0
 # a writer must have finished with a row (published, or given up at the publish deadline) before
 # the relay may take it; half a second of room for the clocks of two processes
-_WRITER_WINDOW = timedelta(seconds=RELAY_AFTER_SECONDS - messaging.PUBLISH_DEADLINE_SECONDS - 0.5)
+_WRITER_WINDOW = timedelta(seconds=RELAY_AFTER_SECONDS - PUBLISH_DEADLINE_SECONDS - 0.5)
 
 _thread = threading.local()
 
 
-def use_publisher(broker: messaging.Broker | None) -> None:
+def use_publisher(broker: Broker | None) -> None:
     """Publish from this thread through its own broker connection (the consumer's), synchronously
     (None: hand this thread's rows to the background publisher again)."""
     _thread.broker = broker
@@ -91,8 +101,8 @@ class BackgroundPublisher:
     full), could not publish, or reaches past the writer's window is left to the relay. While idle
     it lets the connection exchange heartbeats, so a dead peer is noticed before the next order."""
 
-    def __init__(self, *, broker: messaging.Broker | None = None, capacity: int = 10_000, idle_tick: float = 1.0):
-        self._broker = broker or messaging.Broker()
+    def __init__(self, *, broker: Broker | None = None, capacity: int = 10_000, idle_tick: float = 1.0):
+        self._broker = broker or Broker()
         self._queue: queue.Queue[list[OutboxMessage]] = queue.Queue(maxsize=capacity)
         self._idle_tick = idle_tick
         self._stopping = threading.Event()
@@ -168,9 +178,9 @@ def _background() -> BackgroundPublisher:
 def outbox_row(saga_id: str, message: Command | Event) -> OutboxMessage:
     if isinstance(message, Command):
         return OutboxMessage(
-            saga_id=saga_id, exchange=messaging.COMMANDS_EXCHANGE, routing_key=message.command, body=message.body()
+            saga_id=saga_id, exchange=COMMANDS_EXCHANGE, routing_key=message.command, body=message.body()
         )
-    return OutboxMessage(saga_id=saga_id, exchange=messaging.EVENTS_EXCHANGE, routing_key=message.routing_key, body=message.body)
+    return OutboxMessage(saga_id=saga_id, exchange=EVENTS_EXCHANGE, routing_key=message.routing_key, body=message.body)
 
 
 def publish(rows: list[OutboxMessage]) -> None:
@@ -184,14 +194,14 @@ def publish(rows: list[OutboxMessage]) -> None:
     _marker.add(sent)
 
 
-def _send(rows: list[OutboxMessage], broker: messaging.Broker, *, writer: bool = False) -> tuple[list[int], list[OutboxMessage]]:
+def _send(rows: list[OutboxMessage], broker: Broker, *, writer: bool = False) -> tuple[list[int], list[OutboxMessage]]:
     """Publish rows in order. Returns the ids of those sent and the rows that failed on their own
     account. A row the broker refuses or cannot route does not stop the rows behind it; a lost or
     stalled connection does (they could not go either), and counts against the row it happened on
     (it may be the cause). Not being able to connect counts against no row."""
     try:
         broker.connect()
-    except messaging.BrokerUnavailable as error:
+    except BrokerUnavailable as error:
         log.warning("publish deferred to the outbox relay: %s", error, extra={"rows": len(rows)})
         return [], []
     sent, failed = [], []
@@ -200,26 +210,26 @@ def _send(rows: list[OutboxMessage], broker: messaging.Broker, *, writer: bool =
             continue  # the relay's now
         try:
             _publish_row(broker, row)
-        except messaging.BrokerUnavailable as error:
+        except BrokerUnavailable as error:
             failed.append(row)
             log.warning("outbox row not published: %s", error,
                         extra={"saga_id": str(row.saga_id), "routing_key": row.routing_key, "attempts": row.attempts})
-            if isinstance(error, (messaging.Unroutable, messaging.Refused)):
+            if isinstance(error, (Unroutable, Refused)):
                 continue
             break
         sent.append(row.pk)
     return sent, failed
 
 
-def _publish_row(broker: messaging.Broker, row: OutboxMessage) -> None:
-    is_command = row.exchange == messaging.COMMANDS_EXCHANGE
+def _publish_row(broker: Broker, row: OutboxMessage) -> None:
+    is_command = row.exchange == COMMANDS_EXCHANGE
     broker.publish(
         exchange=row.exchange,
         routing_key=row.routing_key,
-        body=messaging.encode(row.body),
+        body=encode(row.body),
         message_id=str(row.message_id),
         correlation_id=str(row.saga_id),
-        reply_to=messaging.REPLIES_QUEUE if is_command else None,
+        reply_to=REPLIES_QUEUE if is_command else None,
         mandatory=is_command,
     )
     log.debug("published", extra={"saga_id": str(row.saga_id), "routing_key": row.routing_key,
@@ -238,7 +248,7 @@ def _back_off(rows: list[OutboxMessage], *, now: datetime) -> None:
     OutboxMessage.objects.bulk_update(rows, ["attempts", "next_attempt_at"])
 
 
-def relay_pending(*, broker: messaging.Broker | None = None, older_than: float = RELAY_AFTER_SECONDS,
+def relay_pending(*, broker: Broker | None = None, older_than: float = RELAY_AFTER_SECONDS,
                   limit: int = 200) -> int:
     """Send the rows their writer did not send, oldest first, leaving out those waiting out a retry
     delay and those another relay has locked. Returns how many were sent."""

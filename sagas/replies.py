@@ -11,8 +11,8 @@ import uuid
 from decimal import Decimal, InvalidOperation
 from itertools import accumulate
 
+from sagas import flows
 from sagas.engine import Reply
-from sagas.flow import STEP_BY_COMMAND
 from sagas.models import Saga, TimelineEntry
 
 MAX_REPLY_BYTES = 64 * 1024
@@ -63,7 +63,7 @@ def parse_reply(body: bytes) -> tuple[str, Reply]:
         saga_id = str(uuid.UUID(saga_id))
     except ValueError:
         raise PoisonMessage("saga_id is not a UUID string") from None
-    if not isinstance(command, str) or command not in STEP_BY_COMMAND:
+    if not isinstance(command, str) or flows.any_step_of(command) is None:
         raise PoisonMessage(f"unknown command {_shown(command)}")
     if isinstance(attempt, bool) or not isinstance(attempt, int) or not 1 <= attempt <= MAX_ATTEMPT:
         raise PoisonMessage(f"attempt is not an integer in 1..{MAX_ATTEMPT}")
@@ -128,8 +128,8 @@ def _shown(value) -> str:
 
 
 def _learned_data(command: str, data: dict) -> dict:
-    """A success reply must carry, well formed, every field its step learns (sagas.flow)."""
-    definition = STEP_BY_COMMAND[command]
+    """A success reply must carry, well formed, every field its step learns (sagas.flows)."""
+    definition = flows.any_step_of(command)
     if command != definition.command:
         return data  # a compensation teaches nothing
     for data_field, _fact in definition.learns:

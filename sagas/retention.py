@@ -1,4 +1,4 @@
-"""Bounded growth: finished sagas, with their steps, timeline and sent outbox rows, are deleted
+"""Bounded growth: finished sagas, with their timeline and sent outbox rows, are deleted
 once they are older than the operator's retention (`manage.py prune_sagas`).
 
 Completed and compensated sagas are done with. Failed sagas wait for a person, so they are kept
@@ -15,7 +15,7 @@ from datetime import datetime
 from django.db import transaction
 from django.db.models import Exists, OuterRef, Q, QuerySet
 
-from sagas.models import OutboxMessage, Saga, SagaStep, TimelineEntry
+from sagas.models import OutboxMessage, Saga, TimelineEntry
 
 DONE_WITH = (Saga.Status.COMPLETED, Saga.Status.COMPENSATED)
 
@@ -23,13 +23,12 @@ DONE_WITH = (Saga.Status.COMPLETED, Saga.Status.COMPENSATED)
 @dataclass(frozen=True)
 class Pruned:
     sagas: int = 0
-    steps: int = 0
     timeline_entries: int = 0
     outbox_messages: int = 0
 
     def __add__(self, other: Pruned) -> Pruned:
-        return Pruned(self.sagas + other.sagas, self.steps + other.steps,
-                      self.timeline_entries + other.timeline_entries, self.outbox_messages + other.outbox_messages)
+        return Pruned(self.sagas + other.sagas, self.timeline_entries + other.timeline_entries,
+                      self.outbox_messages + other.outbox_messages)
 
 
 def prunable_statuses(*, include_failed: bool) -> tuple[str, ...]:
@@ -48,7 +47,6 @@ def count_prunable(*, finished_before: datetime, include_failed: bool = False) -
     sagas = prunable_sagas(finished_before=finished_before, include_failed=include_failed).values("pk")
     return Pruned(
         sagas=sagas.count(),
-        steps=SagaStep.objects.filter(saga__in=sagas).count(),
         timeline_entries=TimelineEntry.objects.filter(saga__in=sagas).count(),
         outbox_messages=OutboxMessage.objects.filter(saga__in=sagas).count(),
     )
@@ -85,7 +83,6 @@ def _delete(saga_ids: list) -> Pruned:
     _, per_model = Saga.objects.filter(pk__in=saga_ids).only("pk").delete()
     return Pruned(
         sagas=per_model.get(Saga._meta.label, 0),
-        steps=per_model.get(SagaStep._meta.label, 0),
         timeline_entries=per_model.get(TimelineEntry._meta.label, 0),
         outbox_messages=per_model.get(OutboxMessage._meta.label, 0),
     )

@@ -7,13 +7,14 @@ from dataclasses import dataclass
 
 from django.db.models import Count, Q, QuerySet
 
-from sagas import engine
-from sagas.flow import ORDER_SAGA, StepDefinition
+from sagas import engine, flows
+from sagas.flows import StepDefinition
 from sagas.models import Saga, TimelineEntry
+from sagas.vocabulary import OWED, SagaStatus, StepStatus
 
 # The list page reads these columns only: `state` and `items` are JSON documents per row.
 LIST_COLUMNS = ("id", "status", "current_step", "user_id", "total", "currency", "deadline", "created_at", "updated_at")
-STEP_NAMES = tuple(step.name for step in ORDER_SAGA)
+STEP_NAMES = tuple(dict.fromkeys(step.name for flow in flows.registered() for step in flow.steps))
 
 
 def counts_by_status_and_step(queryset: QuerySet) -> dict[tuple[str, str | None], int]:
@@ -86,16 +87,16 @@ class DiagramStep:
 
 
 def _undo(saga: engine.SagaState, step: engine.StepState) -> str | None:
-    if step.status == engine.STEP_COMPENSATED:
+    if step.status == StepStatus.COMPENSATED:
         return "done"
-    if step.status == engine.STEP_COMPENSATING:
+    if step.status == StepStatus.COMPENSATING:
         attempts = f"{step.compensation_attempts} attempt{'s' if step.compensation_attempts != 1 else ''}"
-        return f"gave up after {attempts}" if saga.status == engine.FAILED else f"in flight, {attempts}"
-    return "owed" if step.status in engine.OWED else None
+        return f"gave up after {attempts}" if saga.status == SagaStatus.FAILED else f"in flight, {attempts}"
+    return "owed" if step.status in OWED else None
 
 
 def step_diagram(state: engine.SagaState) -> list[DiagramStep]:
-    """The saga's steps in flow order, from the engine state mirrored on its row."""
+    """The saga's steps in flow order, from the engine state its row records."""
     return [
         DiagramStep(
             position=position,
@@ -105,5 +106,5 @@ def step_diagram(state: engine.SagaState) -> list[DiagramStep]:
             awaiting=state.awaiting if state.current_step == definition.name else None,
             undo=_undo(state, state.step(definition.name)),
         )
-        for position, definition in enumerate(ORDER_SAGA, start=1)
+        for position, definition in enumerate(engine.flow_of(state).steps, start=1)
     ]

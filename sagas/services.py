@@ -2,8 +2,8 @@
 call them, and none of them edits saga rows directly.
 
 A change is: read the state (Redis, else the database), let the pure engine decide, then in one
-database transaction compare-and-set the saga's version, mirror its steps, append the timeline
-and the outbox rows. Whoever loses the compare-and-set re-reads from the database and decides
+database transaction compare-and-set the saga's row on its version, append the timeline and
+the outbox rows. Whoever loses the compare-and-set re-reads from the database and decides
 again. After the commit the state goes to Redis, the outbox rows to the broker, and a progress
 notice to the live pages.
 """
@@ -14,17 +14,14 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from datetime import datetime
-from datetime import timezone as dt_timezone
-from decimal import Decimal
+from functools import partial
 
 from django.conf import settings
 from django.db import IntegrityError, InterfaceError, OperationalError, transaction
-from django.utils import timezone as django_timezone
 
-from sagas import engine, live, mirror, outbox, store
+from sagas import engine, flows, live, live_state, outbox, records
 from sagas.engine import Decision, Limits, Reply, SagaState
-from sagas.models import OutboxMessage, Saga, SagaStep, TimelineEntry
+from sagas.models import OutboxMessage, Saga, TimelineEntry, moment
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +39,11 @@ class IdempotencyConflict(Exception):
 
 class ConcurrentChange(Exception):
     """Others kept changing the saga while we tried; the caller may try again later."""
+
+
+class NotInFlow(Exception):
+    """A reply for a command the saga's flow does not have (another flow's, or another version's):
+    it can never apply to this saga; the message says so, for the dead letter."""
 
 
 @dataclass(frozen=True)
@@ -69,27 +71,8 @@ def saga_limits() -> Limits:
     )
 
 
-def _moment(epoch: float | None) -> datetime | None:
-    return None if epoch is None else datetime.fromtimestamp(epoch, tz=dt_timezone.utc)
-
-
-def _row_fields(state: SagaState) -> dict:
-    facts = state.facts
-    return {
-        "status": state.status,
-        "current_step": state.current_step,
-        "order_id": facts.get("order_id"),
-        "total": Decimal(facts["amount"]) if facts.get("amount") is not None else None,
-        "failure_reason": state.failure_reason,
-        "state": engine.state_to_dict(state),
-        "version": state.version,
-        "deadline": _moment(state.awaiting.deadline) if state.awaiting else None,
-        "updated_at": django_timezone.now(),
-    }
-
-
 def _timeline(saga_id: str, cause: Cause, decision: Decision, before: SagaState | None, now: float) -> list[TimelineEntry]:
-    at = _moment(now)
+    at = moment(now)
     duration = None
     if cause.kind == TimelineEntry.Kind.REPLY and before and before.awaiting and before.awaiting.command == cause.command:
         duration = max(0, int((now - before.awaiting.sent_at) * 1000))
@@ -113,7 +96,7 @@ def _timeline(saga_id: str, cause: Cause, decision: Decision, before: SagaState 
 
 @dataclass(frozen=True)
 class _Change:
-    """One decided transition of one saga, to be mirrored and then announced."""
+    """One decided transition of one saga, to be committed and then announced."""
 
     saga_id: str
     cause: Cause
@@ -123,13 +106,12 @@ class _Change:
 
 
 def _commit(changes: list[_Change]) -> list[OutboxMessage]:
-    """Mirror the changes in one transaction, each saga's row compare-and-set on its version;
+    """Commit the changes in one transaction, each saga's row compare-and-set on its version;
     raises _Lost, rolling all of them back, if any saga moved meanwhile. Returns the outbox rows."""
     with transaction.atomic():
-        with mirror.pipeline():
-            saga_rows = [mirror.update(Saga, {"pk": c.saga_id, "version": c.before.version}, _row_fields(c.decision.state))
-                         for c in changes]
-            _mirror_steps(changes)
+        with records.pipeline():
+            saga_rows = [records.update(Saga, {"pk": c.saga_id, "version": c.before.version},
+                                        Saga.row_fields(c.decision.state)) for c in changes]
             rows = _append_history(changes)
         if any(row.rowcount != 1 for row in saga_rows):
             raise _Lost()
@@ -138,28 +120,19 @@ def _commit(changes: list[_Change]) -> list[OutboxMessage]:
 
 def _append_history(changes: list[_Change]) -> list[OutboxMessage]:
     """The timeline entries and the outbox rows of the changes, inside their transaction."""
-    mirror.insert([e for c in changes for e in _timeline(c.saga_id, c.cause, c.decision, c.before, c.now)])
-    return mirror.insert([outbox.outbox_row(c.saga_id, m) for c in changes for m in c.decision.messages])
+    records.insert([e for c in changes for e in _timeline(c.saga_id, c.cause, c.decision, c.before, c.now)])
+    return records.insert([outbox.outbox_row(c.saga_id, m) for c in changes for m in c.decision.messages])
 
 
 def _announce(changes: list[_Change], rows: list[OutboxMessage]) -> None:
     """After the commit: the log lines, the states to Redis, the messages to the broker, the live pages."""
     for change in changes:
         _log_decision(change.cause, change.decision)
-    store.write_states([change.decision.state for change in changes])
+    live_state.write_states([change.decision.state for change in changes])
     if rows:
         outbox.publish(rows)
     for change in changes:
         live.saga_changed(change.decision.state)
-
-
-def _mirror_steps(changes: list[_Change]) -> None:
-    now = django_timezone.now()
-    changed = [[c.saga_id, new.name, new.status, new.attempts, new.compensation_attempts, now]
-               for c in changes for old, new in zip(c.before.steps, c.decision.state.steps) if old != new]
-    if changed:
-        mirror.update_many(SagaStep, ["saga_id", "name"], ["status", "attempts", "compensation_attempts", "updated_at"],
-                           changed)
 
 
 def _log_decision(cause: Cause, decision: Decision) -> None:
@@ -184,21 +157,18 @@ def start_order_saga(
             return existing, False
     saga_id, now = str(uuid.uuid4()), time.time()
     facts = {"user_id": user_id, "items": items, "currency": currency, "payment_method": payment_method}
-    decision = engine.start(saga_id=saga_id, facts=facts, limits=saga_limits(), now=now)
+    decision = engine.start(flows.latest(flows.ORDER_FLOW.name), saga_id=saga_id, facts=facts, limits=saga_limits(),
+                            now=now)
     state = replace(decision.state, version=1)
     decision = replace(decision, state=state, note="order accepted")
     cause = Cause(kind=TimelineEntry.Kind.STARTED, actor=user_id, body={"items": items, "currency": currency})
     change = _Change(saga_id, cause, None, decision, now)
     try:
-        with transaction.atomic(), mirror.pipeline():
-            [saga] = mirror.insert([Saga(
-                id=saga_id, user_id=user_id, currency=currency, items=items, payment_method=payment_method,
-                idempotency_key=idempotency_key, request_fingerprint=fingerprint, **_row_fields(state),
+        with transaction.atomic(), records.pipeline():
+            [saga] = records.insert([Saga.from_state(
+                state, user_id=user_id, currency=currency, items=items, payment_method=payment_method,
+                idempotency_key=idempotency_key, request_fingerprint=fingerprint,
             )])
-            mirror.insert([
-                SagaStep(saga=saga, position=i, name=step.name, status=step.status, attempts=step.attempts)
-                for i, step in enumerate(state.steps)
-            ])
             rows = _append_history([change])
     except IntegrityError:
         existing = idempotency_key and _replayed(user_id, idempotency_key, fingerprint)
@@ -216,22 +186,17 @@ def _replayed(user_id: str, idempotency_key: str, fingerprint: str) -> Saga | No
     return existing
 
 
-def state_of(saga: Saga) -> SagaState:
-    """The state a saga row holds (the record of truth; Redis may be a step behind)."""
-    return replace(engine.state_from_dict(saga.state), version=saga.version)
-
-
 def load_saga_state(saga_id: str, *, from_database: bool = False) -> SagaState:
     """The saga's live state: from Redis, or rebuilt from the database mirror (and put back)."""
-    state = None if from_database else store.read_state(saga_id)
+    state = None if from_database else live_state.read_state(saga_id)
     if state is None:
         row = Saga.objects.filter(pk=saga_id).only("state", "version").first()
         if row is None:
             raise SagaNotFound(saga_id)
-        state = state_of(row)
+        state = row.engine_state()
         if not from_database:
             log.info("saga rebuilt from the database", extra={"saga_id": saga_id, "version": state.version})
-        store.write_state(state)
+        live_state.write_state(state)
     return state
 
 
@@ -251,7 +216,7 @@ def _transition(saga_id: str, decide: Callable[[SagaState, float], Decision], ca
                 from_database = True  # Redis was behind: judge the event against the record of truth
                 continue
             if record_ignored:
-                mirror.insert(_timeline(saga_id, cause, decision, before, now))
+                records.insert(_timeline(saga_id, cause, decision, before, now))
                 _log_decision(cause, decision)
             return decision
         change = _Change(saga_id, cause, before, _next_version(decision, before), now)
@@ -296,7 +261,14 @@ class IncomingReply:
 
 def handle_reply(*, saga_id: str, reply: Reply, message_id: str = "", redelivered: bool = False) -> Decision:
     cause = IncomingReply(saga_id, reply, message_id, redelivered).cause()
-    return _transition(saga_id, lambda state, now: engine.on_reply(state, reply, limits=saga_limits(), now=now), cause)
+
+    def decide(state: SagaState, now: float) -> Decision:
+        flow = engine.flow_of(state)
+        if flow.step_of(reply.command) is None:
+            raise NotInFlow(f"{reply.command} is not a command of flow {flow}, which saga {saga_id} runs on")
+        return engine.on_reply(flow, state, reply, limits=saga_limits(), now=now)
+
+    return _transition(saga_id, decide, cause)
 
 
 def handle_replies(replies: list[IncomingReply]) -> list[bool]:
@@ -307,12 +279,14 @@ def handle_replies(replies: list[IncomingReply]) -> list[bool]:
     redelivery, a duplicate, a later reply of the same saga, or all of them if any saga moved
     meanwhile) is left to `handle_reply`, to be judged alone, after these, in delivery order."""
     now, limits, seen, changes, applied = time.time(), saga_limits(), set(), [], [False] * len(replies)
-    for position, (incoming, before) in enumerate(zip(replies, store.read_states([r.saga_id for r in replies]))):
+    for position, (incoming, before) in enumerate(zip(replies, live_state.read_states([r.saga_id for r in replies]))):
         first_of_saga = incoming.saga_id not in seen
         seen.add(incoming.saga_id)
         if not first_of_saga or before is None or incoming.redelivered:
             continue
-        decision = engine.on_reply(before, incoming.reply, limits=limits, now=now)
+        if engine.flow_of(before).step_of(incoming.reply.command) is None:
+            continue  # handle_reply says why it is dead-lettered
+        decision = engine.on_reply(engine.flow_of(before), before, incoming.reply, limits=limits, now=now)
         if decision.changed:
             changes.append(_Change(incoming.saga_id, incoming.cause(), before, _next_version(decision, before), now))
             applied[position] = True
@@ -327,7 +301,8 @@ def handle_replies(replies: list[IncomingReply]) -> list[bool]:
 
 
 def handle_timeout(*, saga_id: str) -> Decision:
-    return _transition(saga_id, lambda state, now: engine.on_timeout(state, limits=saga_limits(), now=now),
+    return _transition(saga_id, lambda state, now: engine.on_timeout(engine.flow_of(state), state, limits=saga_limits(),
+                                                                    now=now),
                        Cause(kind=TimelineEntry.Kind.TIMEOUT), record_ignored=False)
 
 
@@ -335,7 +310,7 @@ def handle_due_timeouts(*, limit: int = 200) -> int:
     """Act on every saga whose awaited reply is overdue. Safe with several consumers at once:
     the compare-and-set lets one of them act, the others find the deadline already moved."""
     now = time.time()
-    due = Saga.objects.filter(deadline__lte=_moment(now)).order_by("deadline").values_list("pk", flat=True)[:limit]
+    due = Saga.objects.filter(deadline__lte=moment(now)).order_by("deadline").values_list("pk", flat=True)[:limit]
     acted = 0
     for saga_id in due:
         try:
@@ -346,35 +321,34 @@ def handle_due_timeouts(*, limit: int = 200) -> int:
             # A saga we cannot decide for (a bug, a damaged row) must not stop the others: look
             # again in a minute; it shows as stuck in the console meanwhile.
             log.exception("deadline handling failed", extra={"saga_id": str(saga_id)})
-            Saga.objects.filter(pk=saga_id).update(deadline=_moment(now + BROKEN_SAGA_RETRY_SECONDS))
+            Saga.objects.filter(pk=saga_id).update(deadline=moment(now + BROKEN_SAGA_RETRY_SECONDS))
     return acted
 
 
-def _staff_action(saga_id: str, action: str, decide, *, actor: str, reason: str) -> Decision:
+def _staff_action(saga_id: str, action: str, rule, *, actor: str, reason: str, **details) -> Decision:
+    """`rule(flow, state, limits=, now=, **details)`: the engine's staff rule for the action."""
     cause = Cause(kind=TimelineEntry.Kind.STAFF, command=action, actor=actor, reason=reason)
     # a person decides on what the record of truth says, not on a cache that may be behind
-    return _transition(saga_id, decide, cause, record_ignored=False, from_database=True)
+    return _transition(saga_id, lambda state, now: rule(engine.flow_of(state), state, limits=saga_limits(), now=now,
+                                                        **details),
+                       cause, record_ignored=False, from_database=True)
 
 
 def compensate_saga(*, saga_id: str, actor: str, reason: str) -> Decision:
-    return _staff_action(saga_id, "compensate", lambda s, now: engine.compensate(s, reason=reason, limits=saga_limits(), now=now),
-                         actor=actor, reason=reason)
+    return _staff_action(saga_id, "compensate", partial(engine.compensate, reason=reason), actor=actor, reason=reason)
 
 
 def retry_saga_step(*, saga_id: str, actor: str, reason: str) -> Decision:
-    return _staff_action(saga_id, "retry", lambda s, now: engine.retry_now(s, limits=saga_limits(), now=now),
-                         actor=actor, reason=reason)
+    return _staff_action(saga_id, "retry", engine.retry_now, actor=actor, reason=reason)
 
 
 def resume_saga_compensation(*, saga_id: str, actor: str, reason: str) -> Decision:
-    return _staff_action(saga_id, "resume", lambda s, now: engine.resume_compensation(s, limits=saga_limits(), now=now),
-                         actor=actor, reason=reason)
+    return _staff_action(saga_id, "resume", engine.resume_compensation, actor=actor, reason=reason)
 
 
 def mark_step_compensated(*, saga_id: str, step_name: str, actor: str, reason: str) -> Decision:
-    return _staff_action(saga_id, f"mark {step_name} compensated",
-                         lambda s, now: engine.mark_compensated(s, step_name=step_name, limits=saga_limits(), now=now),
-                         actor=actor, reason=reason)
+    return _staff_action(saga_id, f"mark {step_name} compensated", engine.mark_compensated, actor=actor, reason=reason,
+                         step_name=step_name)
 
 
 def record_dead_letter(*, saga_id: str | None, reason: str, message_id: str) -> None:
@@ -384,6 +358,6 @@ def record_dead_letter(*, saga_id: str | None, reason: str, message_id: str) -> 
     except ValueError:
         known = False
     if known:
-        TimelineEntry.objects.create(saga_id=saga_id, at=_moment(time.time()), kind=TimelineEntry.Kind.DEAD_LETTER,
+        TimelineEntry.objects.create(saga_id=saga_id, at=moment(time.time()), kind=TimelineEntry.Kind.DEAD_LETTER,
                                      reason=reason, note="set aside in the dead-letter queue", applied=False,
                                      message_id=message_id)

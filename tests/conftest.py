@@ -14,7 +14,8 @@ from demo.auth_server import serve_auth
 from demo.catalogue import CUSTOMER_TOKEN, OTHER_CUSTOMER_TOKEN, STAFF_TOKEN  # noqa: F401 - the tests import them from here
 from demo.participants import start_participants
 from lab.faults import infra
-from sagas import messaging, outbox
+from sagas import outbox
+from sagas.broker import DEAD_LETTER_QUEUE, PARTICIPANT_QUEUES, REPLIES_QUEUE, Broker
 from sagas.consumer import SagaConsumer
 from sagas.engine import TERMINAL
 from sagas.models import Saga
@@ -71,8 +72,8 @@ def fresh_redis():
 
 @pytest.fixture
 def fresh_queues():
-    broker = messaging.Broker()
-    broker.purge(messaging.REPLIES_QUEUE, messaging.DEAD_LETTER_QUEUE, *messaging.PARTICIPANT_QUEUES)
+    broker = Broker()
+    broker.purge(REPLIES_QUEUE, DEAD_LETTER_QUEUE, *PARTICIPANT_QUEUES)
     broker.close()
 
 
@@ -111,7 +112,7 @@ def participants(tmp_path, fresh_queues):
 
 @pytest.fixture
 def consumer(fast_deadlines, fresh_redis, fresh_queues):
-    saga_consumer = SagaConsumer(messaging.Broker(), deadline_check_seconds=0.1)
+    saga_consumer = SagaConsumer(Broker(), deadline_check_seconds=0.1)
     thread = in_thread(saga_consumer.run, "saga-consumer")
     yield saga_consumer
     saga_consumer.stop()

@@ -11,7 +11,8 @@ import pika
 import pika.data
 from django.conf import settings
 
-from sagas import messaging, services
+from sagas import services
+from sagas.broker import REPLIES_QUEUE
 from tests.conftest import ORDER
 
 
@@ -66,7 +67,7 @@ def publish_round(messages: list[Outgoing], *, user: str | None = None, password
         channel = conn.channel()
         channel.tx_select()  # one commit for the round: all in the queue at once, confirmed together
         for message in messages:
-            channel.basic_publish("", messaging.REPLIES_QUEUE, message.body, pika.BasicProperties(
+            channel.basic_publish("", REPLIES_QUEUE, message.body, pika.BasicProperties(
                 content_type="application/json", delivery_mode=2, headers=message.headers,
                 message_id=message.message_id, correlation_id=message.correlation_id, user_id=message.user_id))
         channel.tx_commit()

@@ -362,7 +362,7 @@ def test_marking_the_last_owed_step_compensated_ends_the_saga(support, failed_sa
                  {"reason": "restocked by hand", "step_name": "reduce_stock"})
     saga = Saga.objects.get(pk=failed_saga)
     assert saga.status == "compensated"
-    assert saga.steps.get(name="reduce_stock").status == "compensated"
+    assert saga.engine_state().step("reduce_stock").status == "compensated"
     (entry,) = LogEntry.objects.filter(object_id=failed_saga)
     assert "(step reduce_stock)" in entry.change_message and "event saga.compensated" in entry.change_message
 
@@ -495,7 +495,7 @@ def test_staff_receive_progress_of_a_saga_on_its_socket(make_staff, fresh_redis)
         return message
 
     message = async_to_sync(listen)()
-    assert (message["type"], message["saga_id"], message["status"]) == ("saga.progress", saga_id, "running")
+    assert message == {"type": "saga.progress", "saga_id": saga_id}  # all that live.js uses
 
 
 @pytest.mark.django_db(transaction=True)

@@ -30,7 +30,8 @@ from lab.faults.schedule import (
     RESTART_RABBITMQ,
     plan_faults,
 )
-from sagas import messaging, outbox, services
+from sagas import outbox, services
+from sagas.broker import EVENTS_EXCHANGE, PARTICIPANT_QUEUES
 from sagas.engine import TERMINAL, Reply
 from sagas.models import Saga, TimelineEntry
 from tests.conftest import database_url
@@ -77,7 +78,7 @@ class Run:
 
     def _deliver(self, ledger: Ledger, lose_reply) -> int:
         delivered = 0
-        for queue in messaging.PARTICIPANT_QUEUES:
+        for queue in PARTICIPANT_QUEUES:
             for message in infra.take_all(self.vhost, queue):
                 body = json.loads(message.body)
                 reply = handle_command(ledger, body)
@@ -108,7 +109,7 @@ def run(transactional_db, fresh_redis, fresh_queues, settings, tmp_path):
     settings.SAGA_STEP_MAX_ATTEMPTS = 3
     settings.SAGA_COMPENSATION_MAX_ATTEMPTS = 2
     vhost = settings.RABBITMQ["vhost"]
-    infra.declare_queue(vhost, EVENTS_QUEUE, bind_to=(messaging.EVENTS_EXCHANGE, "saga.*"))
+    infra.declare_queue(vhost, EVENTS_QUEUE, bind_to=(EVENTS_EXCHANGE, "saga.*"))
     try:
         yield Run(vhost, str(tmp_path / "ledger.sqlite3"))
     finally:

@@ -13,18 +13,21 @@ import pytest
 import requests
 
 from lab.stack import ROOT, Stack, free_port
-from sagas import messaging, services
+from sagas import flows, services
+from sagas.broker import DEAD_LETTER_QUEUE, HEADERS_DROPPED, Broker
 from sagas.consumer import MAX_HANDLER_TRIES, TRIES_HEADER, TRIES_SIGNATURE_HEADER, SagaConsumer
+from sagas.flows import Flow
 from sagas.models import OutboxMessage, Saga, TimelineEntry
 from tests import hostile_bus
 from tests.conftest import ORDER, database_url, finished, in_thread, wait_for
+from tests.test_engine import SHIPPING
 
 pytestmark = [pytest.mark.integration]
 
 
 def test_competing_consumers_apply_each_transition_once(saga_stack, settings):
     settings.SAGA_STEP_TIMEOUT_SECONDS = 1.0  # sku-silent-once makes deadlines pass: all consumers look at once
-    extra = [SagaConsumer(messaging.Broker(), deadline_check_seconds=0.05) for _ in range(2)]
+    extra = [SagaConsumer(Broker(), deadline_check_seconds=0.05) for _ in range(2)]
     threads = [in_thread(consumer.run, f"extra-consumer-{i}") for i, consumer in enumerate(extra)]
     products = ["sku-1", "sku-silent-once", "sku-sold-out", "sku-dup", "sku-2"]
     saga_ids = []
@@ -74,7 +77,7 @@ def test_with_the_broker_away_orders_are_accepted_and_run_once_it_is_back(saga_s
     settings.RABBITMQ = {**settings.RABBITMQ, "port": port}
     saga = finished(saga_id, timeout=30)
     assert saga.status == "completed"
-    assert saga.steps.get(name="reduce_stock").attempts == 1  # the consumer's relay sent it
+    assert saga.engine_state().step("reduce_stock").attempts == 1  # the consumer's relay sent it
     wait_for(lambda: not OutboxMessage.objects.filter(saga_id=saga_id, sent_at__isnull=True).exists(),
              what="every outbox row marked sent")
 
@@ -102,7 +105,7 @@ def applied_replies(saga_ids):
 
 def dead_letters(broker, count):
     taken = []
-    wait_for(lambda: taken.extend(broker.drain(messaging.DEAD_LETTER_QUEUE)) or len(taken) >= count,
+    wait_for(lambda: taken.extend(broker.drain(DEAD_LETTER_QUEUE)) or len(taken) >= count,
              what=f"{count} dead letters")
     return taken
 
@@ -110,7 +113,7 @@ def dead_letters(broker, count):
 @pytest.fixture
 def replies_consumer(transactional_db, consumer):
     """The consumer thread, on the real broker and database, and a broker to read its dead letters."""
-    broker = messaging.Broker()
+    broker = Broker()
     yield consumer
     broker.close()
 
@@ -124,7 +127,7 @@ def test_a_deeply_nested_reply_is_set_aside_and_the_consumer_carries_on(replies_
     saga_ids = hostile_bus.awaiting_sagas(2)
     hostile_bus.publish_round([hostile_bus.Outgoing(nested)] * 2
                               + [hostile_bus.Outgoing(hostile_bus.good_reply(s)) for s in saga_ids])
-    broker = messaging.Broker()
+    broker = Broker()
     dead = dead_letters(broker, 2)
     assert [d.body for d in dead] == [nested, nested]
     assert all("nested deeper" in d.headers["x-dead-letter-reason"] for d in dead)
@@ -140,7 +143,7 @@ def test_a_header_pika_cannot_decode_does_not_cut_the_connection_forever(replies
         hostile_bus.Outgoing(hostile_bus.good_reply(saga_ids[1])),
     ])
     wait_for(lambda: applied_replies(saga_ids) == 2, what="both replies applied")
-    assert messaging.Broker().drain(messaging.DEAD_LETTER_QUEUE) == []
+    assert Broker().drain(DEAD_LETTER_QUEUE) == []
 
 
 @pytest.mark.parametrize("tries", ["junk", 2, "2", "2.forged-signature", "²", -1, -(2**62), 2**62,
@@ -157,7 +160,7 @@ def test_a_forged_tries_header_neither_loops_nor_skips_the_handler(replies_consu
     monkeypatch.setattr(services, "handle_reply", failing)
     forged = {TRIES_HEADER: tries, TRIES_SIGNATURE_HEADER: "forged"}
     hostile_bus.publish_round([hostile_bus.Outgoing(hostile_bus.good_reply(saga_id), headers=forged)])
-    broker = messaging.Broker()
+    broker = Broker()
     (dead,) = dead_letters(broker, 1)
     assert f"handler failed {MAX_HANDLER_TRIES} times" in dead.headers["x-dead-letter-reason"]
     assert calls == [saga_id] * MAX_HANDLER_TRIES  # each counted try, no more, no fewer
@@ -181,7 +184,7 @@ def test_a_handler_bug_for_one_reply_leaves_the_rest_of_its_round_applied(replie
     monkeypatch.setattr(services, "handle_reply", handle_reply)
     monkeypatch.setattr(services, "handle_replies", handle_replies)
     hostile_bus.publish_round([hostile_bus.Outgoing(hostile_bus.good_reply(s)) for s in saga_ids])
-    broker = messaging.Broker()
+    broker = Broker()
     (dead,) = dead_letters(broker, 1)
     assert dead.body == hostile_bus.good_reply(doomed)
     assert "KeyError" in dead.headers["x-dead-letter-reason"]
@@ -194,7 +197,27 @@ def test_headers_we_cannot_copy_are_dropped_from_the_dead_letter_not_the_reason(
     huge = {f"h{n}": "x" * 1000 for n in range(100)}  # ~100 KB: with our reason over the frame size
     body = b"not json"
     hostile_bus.publish_round([hostile_bus.Outgoing(body, headers=huge, message_id=b"\xff\xfe", correlation_id="\x00")])
-    (dead,) = dead_letters(messaging.Broker(), 1)
+    (dead,) = dead_letters(Broker(), 1)
     assert dead.body == body
     assert "not valid UTF-8 JSON" in dead.headers["x-dead-letter-reason"]
-    assert "over" in dead.headers[messaging.HEADERS_DROPPED]
+    assert "over" in dead.headers[HEADERS_DROPPED]
+
+
+@pytest.fixture
+def shipping_flow():
+    """A flow with a shipping step, registered beside the order flow for the test's length."""
+    flow = flows.register(Flow("order-shipped", 1, (*flows.ORDER_FLOW.steps, SHIPPING)))
+    yield flow
+    flows.unregister(flow)
+
+
+def test_a_reply_for_a_command_not_in_the_sagas_flow_is_dead_lettered_with_why(replies_consumer, shipping_flow):
+    saga_id, = hostile_bus.awaiting_sagas(1)  # an order v1 saga: it has no shipping step
+    body = hostile_bus.good_reply(saga_id, command="shipping.dispatch", data={"shipment_id": "sh-1"})
+    hostile_bus.publish_round([hostile_bus.Outgoing(body)])
+    (dead,) = dead_letters(Broker(), 1)
+    assert dead.body == body
+    assert dead.headers["x-dead-letter-reason"] == (
+        f"shipping.dispatch is not a command of flow order v1, which saga {saga_id} runs on")
+    assert TimelineEntry.objects.filter(saga_id=saga_id, kind="dead_letter").exists()
+    assert Saga.objects.get(pk=saga_id).version == 1  # nothing else changed

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
-from sagas import messaging
+from sagas.broker import DEAD_LETTER_QUEUE, REPLIES_QUEUE, Broker
 from sagas.consumer import TRIES_HEADER
 from sagas.models import TimelineEntry
 from tests import hostile_bus
@@ -72,7 +72,7 @@ def bad_body(draw, saga_ids: list[str]) -> bytes:
 def test_hostile_rounds_never_stop_the_consumer_and_every_message_ends_applied_or_dead_lettered(
         transactional_db, consumer, settings):
     settings.SAGA_STEP_TIMEOUT_SECONDS = 60  # no resend may race the round's replies
-    broker = messaging.Broker()
+    broker = Broker()
     pushed = collections.Counter()
     started = time.monotonic()
 
@@ -89,19 +89,19 @@ def test_hostile_rounds_never_stop_the_consumer_and_every_message_ends_applied_o
         pushed.update(m.fate for m in messages)
 
         dead = []
-        wait_for(lambda: dead.extend(broker.drain(messaging.DEAD_LETTER_QUEUE)) or len(dead) >= len(bad),
+        wait_for(lambda: dead.extend(broker.drain(DEAD_LETTER_QUEUE)) or len(dead) >= len(bad),
                  timeout=30, what=f"{len(bad)} dead letters")
         applied = wait_for(lambda: _applied_once(saga_ids), timeout=30, what="every good reply applied")
         assert applied == dict.fromkeys(saga_ids, 1)
         assert collections.Counter(d.body for d in dead) == collections.Counter(m.body for m in bad)
         assert all(d.headers.get("x-dead-letter-reason") for d in dead)
-        assert hostile_bus.queue_depth(messaging.REPLIES_QUEUE) == 0
+        assert hostile_bus.queue_depth(REPLIES_QUEUE) == 0
         assert consumer_thread_alive(consumer)
 
     round_()
     time.sleep(0.5)
-    assert broker.drain(messaging.DEAD_LETTER_QUEUE) == []  # nothing was set aside twice
-    assert hostile_bus.queue_depth(messaging.REPLIES_QUEUE) == 0
+    assert broker.drain(DEAD_LETTER_QUEUE) == []  # nothing was set aside twice
+    assert hostile_bus.queue_depth(REPLIES_QUEUE) == 0
     broker.close()
     print(f"consumer fuzz: {sum(pushed.values())} messages pushed ({dict(pushed)}), {time.monotonic() - started:.1f}s")
     assert pushed["applied"] >= 25 and pushed["dead"] >= 25

@@ -26,7 +26,7 @@ from demo.participants import (
     start_participants,
 )
 from lab.faults import infra
-from sagas import messaging
+from sagas.broker import COMMANDS_EXCHANGE, Broker, encode
 from tests.conftest import wait_for
 
 ITEMS = [{"product_id": "sku-1", "quantity": 2}, {"product_id": "sku-2", "quantity": 1}]
@@ -289,7 +289,7 @@ def test_the_shipping_worker_declares_its_own_queue_and_answers_over_the_broker(
     declares it, and then a shipping.dispatch published to saga.commands is answered."""
     vhost = settings.RABBITMQ["vhost"]
     infra.delete_queue(vhost, SHIPPING_QUEUE)
-    broker = messaging.Broker()
+    broker = Broker()
     reply_queue = broker.bind_temporary_queue("amq.direct", f"tests-shipping-{saga_id}")  # declares the topology too
     assert not infra.queue_exists(vhost, SHIPPING_QUEUE)
 
@@ -298,8 +298,8 @@ def test_the_shipping_worker_declares_its_own_queue_and_answers_over_the_broker(
     try:
         wait_for(lambda: infra.queue_exists(vhost, SHIPPING_QUEUE), timeout=15, what="shipping.commands declared")
         body = {"saga_id": saga_id, "command": "shipping.dispatch", "attempt": 1, "payload": SHIPMENT}
-        broker.publish(exchange=messaging.COMMANDS_EXCHANGE, routing_key="shipping.dispatch",
-                       body=messaging.encode(body), correlation_id=saga_id, reply_to=reply_queue)
+        broker.publish(exchange=COMMANDS_EXCHANGE, routing_key="shipping.dispatch",
+                       body=encode(body), correlation_id=saga_id, reply_to=reply_queue)
         replies = wait_for(lambda: broker.drain(reply_queue), timeout=15, what="the shipping reply")
     finally:
         stop.set()

@@ -21,10 +21,21 @@ from hypothesis import strategies as st
 from referencing import Registry
 from referencing.jsonschema import DRAFT7
 
-from sagas import consumer, engine, messaging
+from sagas import consumer, engine
+from sagas.broker import (
+    COMMANDS_EXCHANGE,
+    DEAD_LETTER_LIMIT,
+    DEAD_LETTER_POLICY,
+    DEAD_LETTER_QUEUE,
+    DEAD_LETTER_REASON,
+    EVENTS_EXCHANGE,
+    PARTICIPANT_QUEUES,
+    REPLIES_QUEUE,
+)
 from sagas.engine import ActionRefused, Command, Event, Limits
-from sagas.flow import ORDER_SAGA
+from sagas.flows import ORDER_FLOW
 from sagas.replies import parse_reply
+from sagas.vocabulary import TERMINAL, UNDONE_TWICE
 
 REPO = Path(__file__).resolve().parent.parent
 DOCS = REPO / "docs"
@@ -97,18 +108,18 @@ def documented(pointer: str) -> jsonschema.Draft7Validator:
 
 
 def test_asyncapi_names_the_topology_the_code_declares():
-    commands = {command for step in ORDER_SAGA for command in (step.command, step.compensation)}
-    assert set(routes(messaging.COMMANDS_EXCHANGE)) == commands
-    events = {f"saga.{status}" for status in engine.TERMINAL} | {engine.UNDONE_TWICE}
-    assert set(routes(messaging.EVENTS_EXCHANGE)) == events
-    declared = {*messaging.PARTICIPANT_QUEUES, messaging.REPLIES_QUEUE, messaging.DEAD_LETTER_QUEUE}
+    commands = {command for step in ORDER_FLOW.steps for command in (step.command, step.compensation)}
+    assert set(routes(COMMANDS_EXCHANGE)) == commands
+    events = {f"saga.{status}" for status in TERMINAL} | {UNDONE_TWICE}
+    assert set(routes(EVENTS_EXCHANGE)) == events
+    declared = {*PARTICIPANT_QUEUES, REPLIES_QUEUE, DEAD_LETTER_QUEUE}
     assert set(queues()) == declared
     for name, channel in queues().items():
         assert channel["bindings"]["amqp"]["queue"] == {"name": name, "durable": True, "exclusive": False, "autoDelete": False}
-    for queue_name, binding in messaging.PARTICIPANT_QUEUES.items():
+    for queue_name, binding in PARTICIPANT_QUEUES.items():
         assert f"`{binding}`" in queues()[queue_name]["description"]
-    assert f"{messaging.DEAD_LETTER_LIMIT}" in queues()[messaging.DEAD_LETTER_QUEUE]["description"].replace(",", "")
-    assert messaging.DEAD_LETTER_POLICY in queues()[messaging.DEAD_LETTER_QUEUE]["description"]
+    assert f"{DEAD_LETTER_LIMIT}" in queues()[DEAD_LETTER_QUEUE]["description"].replace(",", "")
+    assert DEAD_LETTER_POLICY in queues()[DEAD_LETTER_QUEUE]["description"]
 
 
 def test_asyncapi_documents_the_headers_the_consumer_writes():
@@ -116,7 +127,7 @@ def test_asyncapi_documents_the_headers_the_consumer_writes():
     assert consumer.TRIES_HEADER in messages["Reply"]["headers"]["properties"]
     assert consumer.TRIES_HEADER in messages["DeadLetter"]["headers"]["properties"]
     assert consumer.TRIES_SIGNATURE_HEADER in messages["Reply"]["headers"]["properties"]
-    assert messages["DeadLetter"]["headers"]["required"] == [messaging.DEAD_LETTER_REASON]
+    assert messages["DeadLetter"]["headers"]["required"] == [DEAD_LETTER_REASON]
     assert "user_id" in messages["Reply"]["x-amqp-properties"]["properties"]
 
 
@@ -154,8 +165,8 @@ def test_every_message_the_engine_sends_has_its_documented_shape(order, moves, t
     """Orders the API accepts, replies as participants may send them (read by the consumer's own
     parser), timeouts and staff actions in any order: every command and event sent is documented."""
     saga_id, now = str(uuid.uuid4()), 0.0
-    decision = engine.start(saga_id=saga_id, facts=order, limits=LIMITS, now=now)
-    sent, commands, events = list(decision.messages), routes(messaging.COMMANDS_EXCHANGE), routes(messaging.EVENTS_EXCHANGE)
+    decision = engine.start(ORDER_FLOW, saga_id=saga_id, facts=order, limits=LIMITS, now=now)
+    sent, commands, events = list(decision.messages), routes(COMMANDS_EXCHANGE), routes(EVENTS_EXCHANGE)
     state = decision.state
     for action, pick in moves:
         now += 1.0
@@ -177,23 +188,26 @@ def test_every_message_the_engine_sends_has_its_documented_shape(order, moves, t
 def _move(state, action, pick, now, total, order_id, sent):
     awaited = state.awaiting
     if action in ("success", "failure") and awaited is not None:
-        return engine.on_reply(state, _reply(state.saga_id, awaited.command, awaited.attempt, action, total, order_id),
+        return engine.on_reply(ORDER_FLOW, state, _reply(state.saga_id, awaited.command, awaited.attempt, action, total,
+                order_id),
                                limits=LIMITS, now=now)
     if action == "timeout" and awaited is not None:
-        return engine.on_timeout(state, limits=LIMITS, now=awaited.deadline)
+        return engine.on_timeout(ORDER_FLOW, state, limits=LIMITS, now=awaited.deadline)
     if action == "late_success":
         commands = [m for m in sent if isinstance(m, Command)]
         earlier = commands[pick % len(commands)]
-        return engine.on_reply(state, _reply(state.saga_id, earlier.command, earlier.attempt, "success", total, order_id),
+        return engine.on_reply(ORDER_FLOW, state, _reply(state.saga_id, earlier.command, earlier.attempt, "success", total,
+                order_id),
                                limits=LIMITS, now=now)
     if action == "compensate":
-        return engine.compensate(state, reason="customer asked", limits=LIMITS, now=now)
+        return engine.compensate(ORDER_FLOW, state, reason="customer asked", limits=LIMITS, now=now)
     if action == "retry":
-        return engine.retry_now(state, limits=LIMITS, now=now)
+        return engine.retry_now(ORDER_FLOW, state, limits=LIMITS, now=now)
     if action == "resume":
-        return engine.resume_compensation(state, limits=LIMITS, now=now)
+        return engine.resume_compensation(ORDER_FLOW, state, limits=LIMITS, now=now)
     if action == "mark":
-        return engine.mark_compensated(state, step_name=ORDER_SAGA[pick % len(ORDER_SAGA)].name, limits=LIMITS, now=now)
+        return engine.mark_compensated(ORDER_FLOW, state, step_name=ORDER_FLOW.steps[pick % len(ORDER_FLOW.steps)].name,
+                limits=LIMITS, now=now)
     return engine.ignored(state, "nothing to do")
 
 
@@ -208,7 +222,7 @@ def _reply(saga_id, command, attempt, status, total, order_id):
 json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
                            lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
                            max_leaves=6)
-COMMAND_NAMES = [command for step in ORDER_SAGA for command in (step.command, step.compensation)]
+COMMAND_NAMES = [command for step in ORDER_FLOW.steps for command in (step.command, step.compensation)]
 contract_replies = st.fixed_dictionaries({
     "saga_id": st.uuids().map(str), "command": st.sampled_from(COMMAND_NAMES), "attempt": st.integers(1, 10**6),
     "status": st.sampled_from(["success", "failure"]), "reason": st.one_of(st.none(), st.text(storable, max_size=30)),

@@ -5,7 +5,7 @@ HTTP while a seeded schedule kills a consumer and the web process, restarts Rabb
 PostgreSQL, flushes Redis, and publishes poison replies. Then every service is healed, the sagas
 drain, and the checker's table must be all zeros. The run has its own database, Redis db and
 vhost. Its speed is not asserted (that is lab/fault_run.py's job). The consume-loop tests at
-the end pin down two bugs the fault run found in sagas.messaging.
+the end pin down two bugs the fault run found in sagas.broker.
 
     .venv/bin/python -m pytest tests/test_faults.py -m faults -s       # FAULT_SEED=<n> to repeat a run
 """
@@ -18,7 +18,7 @@ import pytest
 
 from lab.faults.runner import ScenarioConfig, run_scenario
 from lab.faults.schedule import FAULT_KINDS
-from sagas import messaging
+from sagas.broker import Broker
 from tests.conftest import wait_for
 
 pytestmark = [pytest.mark.faults]
@@ -67,7 +67,7 @@ def test_the_consume_loop_consumes_again_after_a_publish_lost_the_connection(pri
     """Found by the fault run: a RabbitMQ restart during a deadline check made the consumer's
     publish close the shared connection; the loop then crashed (None.process_data_events), or, if
     a later publish had already reconnected, polled a connection with no consumer on it."""
-    broker, outsider, stop, handled = messaging.Broker(), messaging.Broker(), threading.Event(), []
+    broker, outsider, stop, handled = Broker(), Broker(), threading.Event(), []
     lost = threading.Event()
 
     def tick():
@@ -100,11 +100,11 @@ def test_a_backlog_does_not_starve_the_outbox_relay(private_queue):
     seconds. `busy_tick` (the consumer's relay) now runs during a backlog; the deadline check
     still waits for the backlog (running it then caused a storm of resends)."""
     backlog = 600
-    publisher = messaging.Broker()
+    publisher = Broker()
     for _ in range(backlog):
         publisher.publish(exchange="", routing_key=private_queue, body=b"{}")
     publisher.close()
-    broker, handled, busy_ticks = messaging.Broker(), [], []
+    broker, handled, busy_ticks = Broker(), [], []
 
     def handle(delivery):
         handled.append(delivery)

@@ -13,7 +13,8 @@ from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
 from lab.faults import infra
-from sagas import messaging, outbox
+from sagas import outbox
+from sagas.broker import COMMANDS_EXCHANGE, EVENTS_EXCHANGE, PUBLISH_DEADLINE_SECONDS, Broker, PublishTimeout
 from sagas.models import OutboxMessage, Saga
 from tests.conftest import wait_for
 
@@ -24,7 +25,7 @@ UNBOUND_KEY = "nobody.listens"  # no queue is bound to it on saga.commands: unro
 
 @pytest.fixture
 def broker():
-    broker = messaging.Broker()
+    broker = Broker()
     yield broker
     broker.close()
 
@@ -36,11 +37,11 @@ def saga():
 
 def command_row(saga, routing_key="stock.reduce") -> OutboxMessage:
     body = {"saga_id": str(saga.pk), "command": routing_key, "attempt": 1, "payload": {}}
-    return OutboxMessage.objects.create(saga=saga, exchange=messaging.COMMANDS_EXCHANGE, routing_key=routing_key, body=body)
+    return OutboxMessage.objects.create(saga=saga, exchange=COMMANDS_EXCHANGE, routing_key=routing_key, body=body)
 
 
 def event_row(saga) -> OutboxMessage:
-    return OutboxMessage.objects.create(saga=saga, exchange=messaging.EVENTS_EXCHANGE, routing_key="saga.completed",
+    return OutboxMessage.objects.create(saga=saga, exchange=EVENTS_EXCHANGE, routing_key="saga.completed",
                                         body={"saga_id": str(saga.pk), "status": "completed"})
 
 
@@ -81,7 +82,7 @@ def test_an_unroutable_row_is_retried_with_a_growing_delay_while_later_rows_go_o
 def test_one_relay_round_sends_every_good_row_whatever_poison_rows_come_before(saga, broker, kinds):
     OutboxMessage.objects.all().delete()
     broker.purge("stock.commands")
-    events = broker.bind_temporary_queue(messaging.EVENTS_EXCHANGE, "saga.#")
+    events = broker.bind_temporary_queue(EVENTS_EXCHANGE, "saga.#")
     make = {"command": command_row, "event": event_row, "poison": lambda s: command_row(s, UNBOUND_KEY)}
     rows = [make[kind](saga) for kind in kinds]
 
@@ -121,18 +122,18 @@ def test_a_deleted_participant_queue_is_declared_again_and_the_row_goes_out(saga
 
 
 def test_a_publish_that_gets_no_confirm_gives_up_at_its_deadline(stalling_proxy):
-    broker = messaging.Broker(publish_deadline=0.5)
+    broker = Broker(publish_deadline=0.5)
     broker.connect()
     stalling_proxy.stall()
     started = time.monotonic()
-    with pytest.raises(messaging.PublishTimeout):
-        broker.publish(exchange=messaging.EVENTS_EXCHANGE, routing_key="saga.completed", body=b"{}", mandatory=False)
+    with pytest.raises(PublishTimeout):
+        broker.publish(exchange=EVENTS_EXCHANGE, routing_key="saga.completed", body=b"{}", mandatory=False)
     assert 0.5 <= time.monotonic() - started < 3.0
     assert not broker.connected  # dropped: the next publish opens a fresh connection
 
 
 def test_a_terminal_event_the_relay_cannot_publish_stays_until_confirmed(saga, stalling_proxy):
-    broker = messaging.Broker(publish_deadline=0.5)
+    broker = Broker(publish_deadline=0.5)
     broker.connect()
     row = event_row(saga)
     stalling_proxy.stall()
@@ -150,7 +151,7 @@ def test_a_terminal_event_the_relay_cannot_publish_stays_until_confirmed(saga, s
 
 
 def test_an_idle_publisher_notices_a_dead_peer_by_its_heartbeats(stalling_proxy):
-    broker = messaging.Broker(heartbeat=1)
+    broker = Broker(heartbeat=1)
     publisher = outbox.BackgroundPublisher(broker=broker, idle_tick=0.2)
     broker.connect()
     publisher.submit([])  # starts its thread
@@ -171,14 +172,14 @@ def test_create_order_answers_at_once_while_the_broker_is_stalled_and_the_relay_
     started = time.monotonic()
     response = api.create_order(HTTP_IDEMPOTENCY_KEY=str(uuid.uuid4()))
     assert response.status_code == 202
-    assert time.monotonic() - started < messaging.PUBLISH_DEADLINE_SECONDS  # it never waited on the broker
+    assert time.monotonic() - started < PUBLISH_DEADLINE_SECONDS  # it never waited on the broker
     row = OutboxMessage.objects.get(saga_id=response.json()["saga_id"])
     wait_for(outbox_publisher.idle, timeout=15, what="the web publisher to give up on the stalled broker")
     row.refresh_from_db()
     assert row.sent_at is None
 
     stalling_proxy.flow()
-    relay = messaging.Broker()
+    relay = Broker()
     try:
         wait_for(lambda: outbox.relay_pending(broker=relay) == 1, timeout=outbox.RELAY_AFTER_SECONDS + 10, interval=0.5,
                  what="the relay to send the row")
@@ -187,4 +188,4 @@ def test_create_order_answers_at_once_while_the_broker_is_stalled_and_the_relay_
     row.refresh_from_db()
     assert row.sent_at is not None
     # at least once: the publish that gave up may have reached the broker too once bytes flowed
-    assert str(row.message_id) in message_ids(messaging.Broker().drain("stock.commands"))
+    assert str(row.message_id) in message_ids(Broker().drain("stock.commands"))

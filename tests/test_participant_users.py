@@ -8,7 +8,7 @@ from django.conf import settings
 
 from orchestration_site.env import ConfigError
 from orchestration_site.settings import _participant_users
-from sagas import messaging
+from sagas.broker import DEAD_LETTER_QUEUE, Broker
 from sagas.consumer import SagaConsumer
 from sagas.models import TimelineEntry
 from tests import hostile_bus
@@ -38,7 +38,7 @@ def participant_users():
 @pytest.fixture
 def guarded_consumer(transactional_db, fast_deadlines, fresh_redis, fresh_queues, participant_users, settings):
     settings.SAGA_STEP_TIMEOUT_SECONDS = 60
-    consumer = SagaConsumer(messaging.Broker(), participant_users=participant_users)
+    consumer = SagaConsumer(Broker(), participant_users=participant_users)
     thread = in_thread(consumer.run, "guarded-consumer")
     yield consumer
     consumer.stop()
@@ -54,8 +54,8 @@ def test_only_the_participant_that_owns_the_command_may_answer_it(guarded_consum
                               user=payment, password="secret-" + payment)
     hostile_bus.publish_round([hostile_bus.Outgoing(hostile_bus.good_reply(unsigned))],
                               user=stock, password="secret-" + stock)
-    broker, dead = messaging.Broker(), []
-    wait_for(lambda: dead.extend(broker.drain(messaging.DEAD_LETTER_QUEUE)) or len(dead) >= 2, what="two forged replies")
+    broker, dead = Broker(), []
+    wait_for(lambda: dead.extend(broker.drain(DEAD_LETTER_QUEUE)) or len(dead) >= 2, what="two forged replies")
     broker.close()
     assert sorted(d.body for d in dead) == sorted([hostile_bus.good_reply(forged), hostile_bus.good_reply(unsigned)])
     assert all(d.headers["x-dead-letter-reason"].startswith("forged:") for d in dead)

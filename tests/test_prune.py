@@ -1,4 +1,4 @@
-"""prune_sagas: finished sagas older than the retention go, with their steps, timeline and sent
+"""prune_sagas: finished sagas older than the retention go, with their timeline and sent
 outbox rows, in batches; nothing else does, and a dry run deletes nothing."""
 import io
 import re
@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from sagas.management.commands.prune_sagas import age
-from sagas.models import OutboxMessage, Saga, SagaStep, TimelineEntry
+from sagas.models import OutboxMessage, Saga, TimelineEntry
 
 pytestmark = pytest.mark.django_db
 OLD, RECENT = timedelta(days=31), timedelta(days=29)
@@ -20,7 +20,6 @@ OLD, RECENT = timedelta(days=31), timedelta(days=29)
 def saga_row(status: str, *, last_change: timedelta, unsent: bool = False) -> str:
     """A saga row with a step, two timeline entries and a sent outbox message, last changed `last_change` ago."""
     saga = Saga.objects.create(status=status, user_id="alice", currency="EUR", items=[], state={})
-    SagaStep.objects.create(saga=saga, position=0, name="reduce_stock", status="succeeded")
     for kind in ("started", "event"):
         TimelineEntry.objects.create(saga=saga, at=timezone.now(), kind=kind)
     OutboxMessage.objects.create(saga=saga, exchange="saga.events", routing_key=f"saga.{status}", body={},
@@ -56,7 +55,7 @@ def sagas_of_every_kind():
 
 def test_a_dry_run_counts_what_would_go_and_deletes_nothing(sagas_of_every_kind):
     output = prune("--finished-before", "30d")
-    assert "would delete 2 sagas (2 steps, 4 timeline entries, 2 sent outbox messages)" in output
+    assert "would delete 2 sagas (4 timeline entries, 2 sent outbox messages)" in output
     assert "--execute" in output and "failed sagas are kept" in output
     assert remaining() == set(sagas_of_every_kind.values())
 
@@ -65,10 +64,9 @@ def test_execute_deletes_old_completed_and_compensated_sagas_with_everything_the
     output = prune("--finished-before", "30d", "--execute")
     gone = {sagas_of_every_kind["old completed"], sagas_of_every_kind["old compensated"]}
     assert remaining() == set(sagas_of_every_kind.values()) - gone
-    assert not SagaStep.objects.filter(saga_id__in=gone).exists()
     assert not TimelineEntry.objects.filter(saga_id__in=gone).exists()
     assert not OutboxMessage.objects.filter(saga_id__in=gone).exists()
-    assert "done: deleted 2 sagas (2 steps, 4 timeline entries, 2 sent outbox messages)" in output
+    assert "done: deleted 2 sagas (4 timeline entries, 2 sent outbox messages)" in output
 
 
 def test_failed_sagas_go_only_when_asked_for(sagas_of_every_kind):

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sagas import services
-from sagas.flow import STEP_BY_COMMAND
+from sagas.flows import ORDER_FLOW
 from sagas.models import Saga, TimelineEntry
 from sagas.replies import MAX_DEPTH, PoisonMessage, parse_reply
 from tests.conftest import ORDER
@@ -39,7 +39,7 @@ def _valid_reply(command: str, status: str) -> dict:
 @st.composite
 def near_valid(draw) -> bytes:
     """A contract reply with a few fields swapped for anything, dropped, or grown."""
-    reply = _valid_reply(draw(st.sampled_from(sorted(STEP_BY_COMMAND))), draw(st.sampled_from(["success", "failure"])))
+    reply = _valid_reply(draw(st.sampled_from(sorted(ORDER_FLOW.commands))), draw(st.sampled_from(["success", "failure"])))
     for _ in range(draw(st.integers(0, 3))):
         key = draw(st.sampled_from(["saga_id", "command", "attempt", "status", "reason", "data", "extra"]))
         action = draw(st.sampled_from(["replace", "drop", "data field"]))
@@ -131,9 +131,9 @@ def _store_in_savepoint(saga: Saga, saga_id: str, reply) -> None:
     assert (entry.command, entry.attempt, entry.status) == (reply.command, reply.attempt, reply.status)
     assert entry.reason == (reply.reason or "")
     assert _same_json(entry.body, body)
-    # the facts a success teaches go to the saga's columns (sagas.flow: data field -> fact)
-    learned = {fact: reply.data[field] for field, fact in STEP_BY_COMMAND[reply.command].learns
-               if reply.status == "success" and reply.command == STEP_BY_COMMAND[reply.command].command}
+    # the facts a success teaches go to the saga's columns (sagas.flows: data field -> fact)
+    learned = {fact: reply.data[field] for field, fact in ORDER_FLOW.step_of(reply.command).learns
+               if reply.status == "success" and reply.command == ORDER_FLOW.step_of(reply.command).command}
     Saga.objects.filter(pk=saga.pk).update(
         order_id=learned.get("order_id"), total=Decimal(learned["amount"]) if "amount" in learned else None,
         failure_reason=reply.reason)

@@ -1,4 +1,4 @@
-"""Transitions written to the mirror: alone or several together, a transition that loses its
+"""Transitions written to the record: alone or several together, a transition that loses its
 compare-and-set, or trips the inbox, leaves no row behind, although its statements went out
 together in one pipeline."""
 import json
@@ -8,8 +8,10 @@ import pytest
 from django.db import IntegrityError, transaction
 from django_redis import get_redis_connection
 
-from sagas import engine, mirror, services, store
+from sagas import engine, flows, live_state, records, services
+from sagas.flows import Flow
 from sagas.models import OutboxMessage, Saga, TimelineEntry
+from tests.test_engine import SHIPPING
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -32,7 +34,7 @@ def started_saga(fresh_redis, fresh_queues) -> str:
 
 def put_back_in_redis(state: engine.SagaState) -> None:
     """As if Redis had lost the newer state and held this older one again."""
-    get_redis_connection("default").hset(store._key(state.saga_id), mapping={
+    get_redis_connection("default").hset(live_state.key(state.saga_id), mapping={
         "version": state.version, "state": json.dumps(engine.state_to_dict(state))})
 
 
@@ -41,7 +43,7 @@ def sent(saga_id: str) -> list[str]:
 
 
 def test_a_reply_decided_on_a_stale_redis_state_is_rolled_back_and_judged_again(started_saga):
-    stale = store.read_state(started_saga)
+    stale = live_state.read_state(started_saga)
     services.handle_reply(saga_id=started_saga, reply=STOCK_DONE, message_id="m-1")
     put_back_in_redis(stale)  # so the same reply looks new
 
@@ -59,8 +61,8 @@ def test_a_constraint_broken_inside_a_pipeline_raises_djangos_integrity_error(st
     Saga.objects.filter(pk=started_saga).update(idempotency_key="key-1")
     twin = Saga.objects.get(pk=started_saga)
     twin.id = uuid.uuid4()  # same user, same Idempotency-Key
-    with pytest.raises(IntegrityError), transaction.atomic(), mirror.pipeline():
-        mirror.insert([twin])
+    with pytest.raises(IntegrityError), transaction.atomic(), records.pipeline():
+        records.insert([twin])
     assert Saga.objects.count() == 1
 
 
@@ -78,14 +80,14 @@ def test_replies_for_several_sagas_are_applied_together_and_the_rest_left_for_on
     versions = dict(Saga.objects.filter(pk__in=[a, b, c]).values_list("id", "version"))
     assert [versions[uuid.UUID(s)] for s in (a, b, c)] == [2, 2, 1]
     assert sent(a) == sent(b) == ["stock.reduce", "payment.take"] and sent(c) == ["stock.reduce"]
-    assert [store.read_state(s).version for s in (a, b, c)] == [2, 2, 1]
+    assert [live_state.read_state(s).version for s in (a, b, c)] == [2, 2, 1]
     assert services.handle_reply(saga_id=a, reply=incoming[2].reply, message_id="m-a2").changed
     assert services.handle_reply(saga_id=c, reply=STOCK_DONE, message_id="m-c", redelivered=True).changed
 
 
 def test_replies_applied_together_are_all_rolled_back_if_one_saga_moved_meanwhile(fresh_redis, fresh_queues):
     a, b = start(), start()
-    stale_b = store.read_state(b)
+    stale_b = live_state.read_state(b)
     services.handle_reply(saga_id=b, reply=STOCK_DONE, message_id="m-b")
     put_back_in_redis(stale_b)
 
@@ -97,3 +99,21 @@ def test_replies_applied_together_are_all_rolled_back_if_one_saga_moved_meanwhil
     assert not TimelineEntry.objects.filter(saga_id=a, kind="reply").exists()
     assert services.handle_reply(saga_id=a, reply=STOCK_DONE, message_id="m-a").changed
     assert not services.handle_reply(saga_id=b, reply=STOCK_DONE, message_id="m-b2").changed
+
+
+def test_a_saga_finishes_on_the_flow_version_it_started_on_when_a_new_version_is_registered(fresh_redis, fresh_queues):
+    old = start()
+    order_v2 = flows.register(Flow("order", 2, (*flows.ORDER_FLOW.steps, SHIPPING)))
+    try:
+        new = start()  # new sagas start on the newest version
+        assert [tuple(Saga.objects.filter(pk=s).values_list("flow_name", "flow_version").get()) for s in (old, new)] \
+            == [("order", 1), ("order", 2)]
+        for saga_id in (old, new):
+            for reply in (STOCK_DONE, engine.Reply("payment.take", 1, "success"),
+                          engine.Reply("order.create", 1, "success", data={"order_id": "o-1"})):
+                assert services.handle_reply(saga_id=saga_id, reply=reply).changed
+        assert Saga.objects.get(pk=old).status == "completed"  # v1 has three steps
+        assert sent(old)[-1] == "saga.completed"
+        assert (Saga.objects.get(pk=new).status, sent(new)[-1]) == ("running", "shipping.dispatch")
+    finally:
+        flows.unregister(order_v2)

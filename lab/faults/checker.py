@@ -30,16 +30,16 @@ from lab.faults import infra
 from lab.faults.orders import FORBIDDEN, SHOULD_COMPLETE, Order
 from lab.faults.schedule import DELAYS_REPLIES, REFUSES_COMPENSATIONS
 from lab.sandbox import redis_client
-from sagas import store
+from sagas import live_state
+from sagas.broker import DEAD_LETTER_QUEUE, PARTICIPANT_QUEUES, REPLIES_QUEUE
 from sagas.engine import GAVE_UP, timed_out_reason
-from sagas.flow import ORDER_SAGA, STEP_BY_COMMAND
-from sagas.messaging import DEAD_LETTER_QUEUE, PARTICIPANT_QUEUES, REPLIES_QUEUE
+from sagas.flows import ORDER_FLOW
 
 TERMINAL = ("completed", "compensated", "failed")
 EVENTS_QUEUE = "faults.events"  # bound to saga.events by the runner, as a related service would
 ZERO = {"stock_net": 0, "paid_net": Decimal("0"), "orders_open": 0}
 NET_OF_STEP = {"reduce_stock": "stock_net", "take_payment": "paid_net", "create_order": "orders_open"}
-TIMED_OUT = {timed_out_reason(step.name) for step in ORDER_SAGA}
+TIMED_OUT = {timed_out_reason(step.name) for step in ORDER_FLOW.steps}
 # how long a fault's effects may outlast it (the backlog it left behind drains meanwhile)
 AFTERMATH_SECONDS = 15.0
 
@@ -145,7 +145,7 @@ def redis_states(redis_db: int, saga_ids: list[str]) -> dict[str, tuple[int, str
     client = redis_client(redis_db)
     pipe = client.pipeline(transaction=False)
     for saga_id in saga_ids:
-        pipe.hmget(store._key(saga_id), "version", "state")  # the runtime's own key: live_state.key after issue 10
+        pipe.hmget(live_state.key(saga_id), "version", "state")  # the runtime's own key
     present = {}
     for saga_id, (version, state) in zip(saga_ids, pipe.execute()):
         if version is not None or state is not None:
@@ -314,7 +314,7 @@ def _check_failed(report: CheckReport, sagas: dict[str, SagaRow], ledger: dict, 
         effects = ledger.get(saga.saga_id, ZERO)
         report.notes.append(f"FAILED saga {saga.saga_id}: {saga.failure_reason}; ledger {_fmt(effects)}")
         compensation, gave_up, _ = (saga.failure_reason or "").partition(GAVE_UP)
-        step = STEP_BY_COMMAND.get(compensation) if gave_up else None
+        step = ORDER_FLOW.step_of(compensation) if gave_up else None
         participant = compensation.split(".", 1)[0]
         if step is None or not any(f.kind in REFUSES_COMPENSATIONS and f.target == participant and f.overlaps(saga)
                                    for f in faults):
@@ -322,8 +322,8 @@ def _check_failed(report: CheckReport, sagas: dict[str, SagaRow], ledger: dict, 
             report.details.append(f"failed saga the schedule did not cause: {saga.saga_id} ({saga.failure_reason})")
         if step is None:
             continue
-        position = ORDER_SAGA.index(step)
-        left = [s.name for s in ORDER_SAGA[position + 1:] if effects[NET_OF_STEP[s.name]] != ZERO[NET_OF_STEP[s.name]]]
+        position = ORDER_FLOW.steps.index(step)
+        left = [s.name for s in ORDER_FLOW.steps[position + 1:] if effects[NET_OF_STEP[s.name]] != ZERO[NET_OF_STEP[s.name]]]
         if left:
             unundone.append(saga.saga_id)
             report.details.append(f"failed saga {saga.saga_id} gave up at {compensation} but {', '.join(left)}"

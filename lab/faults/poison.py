@@ -7,7 +7,7 @@ import random
 import uuid
 
 from lab.faults.infra import RawMessage
-from sagas.messaging import REPLIES_QUEUE
+from sagas.broker import REPLIES_QUEUE
 
 
 def _json(body: object) -> bytes:

@@ -18,6 +18,8 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sagas.broker import EVENTS_EXCHANGE, PARTICIPANT_QUEUES, REPLIES_QUEUE
+
 from demo.participants import refuse_compensations
 from lab.faults import infra
 from lab.faults.checker import (
@@ -49,7 +51,6 @@ from lab.faults.schedule import (
 from lab.order_client import OrderClient
 from lab.sandbox import Sandbox
 from lab.stack import ROOT, Stack, free_port
-from sagas.messaging import EVENTS_EXCHANGE, PARTICIPANT_QUEUES, REPLIES_QUEUE
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from django.utils import timezone
 
 from demo.guard import require_demo_settings
 from sagas import engine
-from sagas.flow import ORDER_SAGA
+from sagas.flows import ORDER_FLOW
 from sagas.models import Saga
 
 # (status, share of the sagas); running sagas are spread over the three steps
@@ -57,19 +57,19 @@ def seeded_saga(rng: random.Random, now) -> Saga:
                      "failed": ["compensating", "failed", "pending"]}.get(status)
     awaiting, deadline = None, None
     if status == "running":
-        position = rng.randrange(len(ORDER_SAGA))
-        step_statuses = ["succeeded"] * position + ["running"] + ["pending"] * (len(ORDER_SAGA) - position - 1)
+        position = rng.randrange(len(ORDER_FLOW.steps))
+        step_statuses = ["succeeded"] * position + ["running"] + ["pending"] * (len(ORDER_FLOW.steps) - position - 1)
     if in_flight:
         # one in ten sagas in flight is overdue: the "stuck" filter finds those and the failed ones
         deadline = now + timedelta(seconds=30) if rng.random() >= 0.1 else now - timedelta(minutes=rng.uniform(1, 60))
-        step = ORDER_SAGA[position] if status == "running" else ORDER_SAGA[0]
+        step = ORDER_FLOW.steps[position] if status == "running" else ORDER_FLOW.steps[0]
         command = step.command if status == "running" else step.compensation
-        awaiting = engine.Awaiting(command, 1, deadline.timestamp() - 30, deadline.timestamp())
+        awaiting = engine.Awaiting(step.name, command, 1, deadline.timestamp() - 30, deadline.timestamp())
     order_id = f"o-{uuid.uuid4().hex[:12]}" if status == "completed" else None
     state = engine.SagaState(
         saga_id=saga_id, status=status, facts={**facts, "order_id": order_id},
         steps=tuple(engine.StepState(step.name, s, attempts=1 if s != "pending" else 0)
-                    for step, s in zip(ORDER_SAGA, step_statuses)),
+                    for step, s in zip(ORDER_FLOW.steps, step_statuses)),
         awaiting=awaiting,
         failure_reason=None if status in ("completed", "running") else rng.choice(FAILURES), version=5,
     )

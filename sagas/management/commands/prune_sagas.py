@@ -33,7 +33,7 @@ def batch_size(text: str) -> int:
 
 class Command(BaseCommand):
     help = ("Delete completed and compensated sagas (failed ones too with --include-failed) whose last change is "
-            "older than --finished-before, with their steps, timeline and sent outbox messages. A saga with an "
+            "older than --finished-before, with their timeline and sent outbox messages. A saga with an "
             "unsent outbox message is kept. Dry run unless --execute (or --yes).")
 
     def add_arguments(self, parser):
@@ -65,5 +65,5 @@ class Command(BaseCommand):
 
 
 def _counts(pruned: retention.Pruned) -> str:
-    return (f"{pruned.sagas} sagas ({pruned.steps} steps, {pruned.timeline_entries} timeline entries, "
+    return (f"{pruned.sagas} sagas ({pruned.timeline_entries} timeline entries, "
             f"{pruned.outbox_messages} sent outbox messages)")

@@ -2,8 +2,8 @@ import signal
 
 from django.core.management.base import BaseCommand
 
+from sagas.broker import Broker
 from sagas.consumer import SagaConsumer
-from sagas.messaging import Broker
 
 
 class Command(BaseCommand):

@@ -155,11 +155,21 @@ def connection_parameters(*, heartbeat: int = 30) -> pika.ConnectionParameters:
     )
 
 
+def participant_queues() -> dict[str, str]:
+    """Each participant's command queue and its binding: the contract's three, and one for each
+    participant of a registered flow (`<participant>.commands` bound to `<participant>.*`)."""
+    from sagas import flows  # plain data; imported here so the broker module stays first to load
+
+    declared = {f"{participant}.commands": f"{participant}.*"
+                for flow in flows.registered() for participant in sorted(flow.participants)}
+    return {**PARTICIPANT_QUEUES, **declared}
+
+
 def declare_topology(channel) -> None:
     """Declare every exchange and queue of the contract, so no command is ever unroutable."""
     channel.exchange_declare(COMMANDS_EXCHANGE, exchange_type="topic", durable=True)
     channel.exchange_declare(EVENTS_EXCHANGE, exchange_type="topic", durable=True)
-    for queue_name, binding in PARTICIPANT_QUEUES.items():
+    for queue_name, binding in participant_queues().items():
         channel.queue_declare(queue_name, durable=True)
         channel.queue_bind(queue_name, COMMANDS_EXCHANGE, routing_key=binding)
     channel.queue_declare(REPLIES_QUEUE, durable=True)

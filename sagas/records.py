@@ -1,4 +1,4 @@
-"""The writes every transition makes to the database mirror, as plain SQL.
+"""The writes every transition makes to the record (the database), as plain SQL.
 
 They are the statements the ORM would send (values go through each field's own
 `get_db_prep_save`, so JSON, UUIDs, decimals and times are stored exactly as the ORM stores them

@@ -1,7 +1,7 @@
 """Each saga's live state in Redis (django-redis), written with its version.
 
 A write only lands if it is newer than what Redis holds (a Lua compare), so two writers never
-silently overwrite each other and a slow writer never rolls a saga back. The database mirror is
+silently overwrite each other and a slow writer never rolls a saga back. The database is
 the record of truth: a saga Redis does not have (flushed, restarted) is rebuilt from it, and a
 Redis that is down only makes reads slower.
 """
@@ -11,7 +11,8 @@ import logging
 from django_redis import get_redis_connection
 from redis.exceptions import RedisError
 
-from sagas.engine import TERMINAL, SagaState, state_from_dict, state_to_dict
+from sagas.engine import SagaState, state_from_dict, state_to_dict
+from sagas.vocabulary import TERMINAL
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +28,7 @@ return 1
 """
 
 
-def _key(saga_id: str) -> str:
+def key(saga_id: str) -> str:
     return f"orchestrator:saga:{saga_id}"
 
 
@@ -41,7 +42,7 @@ def read_states(saga_ids: list[str]) -> list[SagaState | None]:
     try:
         pipe = get_redis_connection("default").pipeline(transaction=False)
         for saga_id in saga_ids:
-            pipe.hget(_key(saga_id), "state")
+            pipe.hget(key(saga_id), "state")
         raws = pipe.execute()
     except RedisError as error:
         log.warning("redis unavailable for read: %r", error, extra={"sagas": len(saga_ids)})
@@ -63,7 +64,7 @@ def write_states(states: list[SagaState]) -> list[bool]:
         for state in states:
             ttl = FINISHED_TTL if state.status in TERMINAL else LIVE_TTL
             payload = json.dumps(state_to_dict(state), separators=(",", ":"))
-            pipe.eval(_WRITE_IF_NEWER, 1, _key(state.saga_id), state.version, payload, ttl)
+            pipe.eval(_WRITE_IF_NEWER, 1, key(state.saga_id), state.version, payload, ttl)
         return [bool(written) for written in pipe.execute()]
     except RedisError as error:
         log.warning("redis unavailable for write: %r", error,
