@@ -18,8 +18,6 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sagas.broker import EVENTS_EXCHANGE, PARTICIPANT_QUEUES, REPLIES_QUEUE
-
 from demo.participants import refuse_compensations
 from lab.faults import infra
 from lab.faults.checker import (
@@ -51,6 +49,7 @@ from lab.faults.schedule import (
 from lab.order_client import OrderClient
 from lab.sandbox import Sandbox
 from lab.stack import ROOT, Stack, free_port
+from sagas.broker import EVENTS_EXCHANGE, PARTICIPANT_QUEUES, REPLIES_QUEUE
 
 log = logging.getLogger(__name__)
 
