@@ -22,7 +22,7 @@ from django.conf import settings
 from django.db import IntegrityError, InterfaceError, OperationalError, transaction
 from django.utils import timezone as django_timezone
 
-from sagas import engine, live, mirror, outbox, store
+from sagas import engine, live, metrics, mirror, outbox, store
 from sagas.engine import Decision, Limits, Reply, SagaState
 from sagas.models import OutboxMessage, Saga, SagaStep, TimelineEntry
 
@@ -146,6 +146,7 @@ def _announce(changes: list[_Change], rows: list[OutboxMessage]) -> None:
     """After the commit: the log lines, the states to Redis, the messages to the broker, the live pages."""
     for change in changes:
         _log_decision(change.cause, change.decision)
+        metrics.transition(change.cause.kind, change.before, change.decision)
     store.write_states([change.decision.state for change in changes])
     if rows:
         outbox.publish(rows)
@@ -231,6 +232,7 @@ def load_saga_state(saga_id: str, *, from_database: bool = False) -> SagaState:
         state = state_of(row)
         if not from_database:
             log.info("saga rebuilt from the database", extra={"saga_id": saga_id, "version": state.version})
+            metrics.saga_rebuilt()
         store.write_state(state)
     return state
 
