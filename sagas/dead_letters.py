@@ -18,6 +18,7 @@ import math
 import time
 import uuid
 
+from django.conf import settings
 from django.db import DatabaseError, close_old_connections, transaction
 from django.db.models import QuerySet
 from django.utils import timezone
@@ -28,7 +29,6 @@ from sagas.models import Saga
 
 log = logging.getLogger(__name__)
 
-FILE_EVERY_SECONDS = 2.0
 FILE_LIMIT = 100
 # headers of ours that a requeued reply must not carry: the reason it was set aside, and the
 # tries count (a requeued reply starts its tries afresh)
@@ -114,18 +114,18 @@ def file_from_queue(broker: messaging.Broker, *, limit: int = FILE_LIMIT) -> int
 
 
 class Filing:
-    """The consumer's filing of dead letters, at most every FILE_EVERY_SECONDS. Nothing that goes
-    wrong here stops the consumer's loop: the messages stay in the queue until the next try."""
+    """The consumer's filing of dead letters, at most every DEAD_LETTER_FILE_EVERY_SECONDS (0:
+    never). Nothing that goes wrong here stops the consumer's loop: the messages stay in the queue
+    until the next try."""
 
-    def __init__(self, *, every: float = FILE_EVERY_SECONDS):
-        self.every = every
+    def __init__(self):
         self._next = 0.0
 
     def maybe_file(self, broker: messaging.Broker) -> None:
-        now = time.monotonic()
-        if now < self._next:
+        every, now = settings.DEAD_LETTER_FILE_EVERY_SECONDS, time.monotonic()
+        if not every or now < self._next:
             return
-        self._next = now + self.every
+        self._next = now + every
         from sagas import metrics
 
         try:

@@ -10,7 +10,9 @@ from django.contrib.auth.models import Permission
 from django.core.exceptions import PermissionDenied
 from django.core.management import CommandError, call_command
 from django.db import DatabaseError
-from hypothesis import HealthCheck, given, settings as hypothesis_settings, strategies as st
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 
 from sagas import dead_letters, messaging, metrics, services
 from sagas.consumer import TRIES_HEADER, TRIES_SIGNATURE_HEADER
@@ -64,6 +66,13 @@ def test_the_saga_is_found_from_the_body_when_the_correlation_id_names_none(brok
     set_aside(broker, json.dumps({"saga_id": saga_id, "command": "nope"}).encode(), reason="unknown command 'nope'")
     dead_letters.file_from_queue(broker)
     assert str(DeadLetter.objects.get().saga_id) == saga_id
+
+
+@pytest.mark.usefixtures("consumer")
+def test_filing_is_off_unless_asked_for(broker):
+    broker.publish(exchange="", routing_key=messaging.REPLIES_QUEUE, body=b"not json", message_id="m-stays")
+    (dead,) = wait_for(lambda: broker.drain(messaging.DEAD_LETTER_QUEUE), timeout=15, what="the dead letter")
+    assert dead.message_id == "m-stays" and not DeadLetter.objects.exists()
 
 
 def test_an_unknown_saga_is_not_linked(broker):
@@ -169,7 +178,8 @@ def test_a_requeue_the_broker_does_not_take_leaves_the_row_open(broker, make_sta
     assert row.status == "open"
 
 
-def test_the_running_consumer_files_what_it_dead_letters(saga_stack, broker):
+def test_the_running_consumer_files_what_it_dead_letters(saga_stack, broker, settings):
+    settings.DEAD_LETTER_FILE_EVERY_SECONDS = 0.5
     before = metrics.REPLIES.labels("dead_lettered")._value.get()
     broker.publish(exchange="", routing_key=messaging.REPLIES_QUEUE, body=b"not json", message_id="m-poison")
     row = wait_for(lambda: DeadLetter.objects.filter(message_id="m-poison").first(), timeout=15, what="the filed row")
