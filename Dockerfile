@@ -47,6 +47,10 @@ EXPOSE 7001
 # where it is published is the host's choice (docker-compose.yml: 127.0.0.1 only).
 # Run the consumer from the same image with:  python manage.py run_saga_consumer
 # The logs of uvicorn itself take the service's format (orchestration_site/logging_config.py).
+# Ready when the database, Redis and RabbitMQ answer (GET /readyz; the slim image has no curl). A
+# consumer run from this image overrides it with: python manage.py consumer_health
+HEALTHCHECK --interval=10s --timeout=5s --start-period=20s --retries=3 \
+    CMD ["sh", "-c", "exec python -c \"import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:' + os.environ.get('PORT', '7001') + '/readyz', timeout=3)\""]
 CMD ["sh", "-c", "exec uvicorn orchestration_site.asgi:application --host 0.0.0.0 --port ${PORT} --proxy-headers --log-config orchestration_site/uvicorn_logging.json"]
 
 FROM runtime AS demo

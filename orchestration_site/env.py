@@ -8,6 +8,7 @@ Any variable NAME may instead be given as NAME_FILE, the path of a file that hol
 is the file's content without one trailing newline (as `echo` writes it). Setting both NAME and
 NAME_FILE is an error, as in the official postgres image: neither silently wins.
 """
+import ipaddress
 import os
 
 
@@ -121,3 +122,23 @@ def env_rate(name: str) -> str | None:
     if not (count.isdigit() and int(count) > 0 and period in RATE_PERIODS):
         raise ConfigError(f"{name} must be a rate like 100/s or 20/min ({', '.join(RATE_PERIODS)}), got {value!r}")
     return value.strip()
+
+
+def env_choice(name: str, choices: tuple[str, ...], *, default: str) -> str:
+    variable, value = _named(name)
+    if value is None:
+        return default
+    if value.strip() not in choices:
+        raise ConfigError(f"{variable} must be one of {', '.join(choices)}, got {value!r}")
+    return value.strip()
+
+
+def env_networks(name: str, default: str) -> list:
+    """Comma-separated CIDRs ('10.0.0.0/8,::1/128') as ipaddress networks."""
+    networks = []
+    for item in env_list(name, default):
+        try:
+            networks.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            raise ConfigError(f"{name} must be comma-separated addresses or networks like 10.0.0.0/8, got {item!r}") from None
+    return networks

@@ -1,10 +1,23 @@
 """Settings, read from the environment (see the configuration table in README.md)."""
+import socket
+import tempfile
 from datetime import timedelta
 from pathlib import Path
 
 import dj_database_url
 
-from orchestration_site.env import ConfigError, env_bool, env_float, env_int, env_list, env_rate, env_seconds, env_str
+from orchestration_site.env import (
+    ConfigError,
+    env_bool,
+    env_choice,
+    env_float,
+    env_int,
+    env_list,
+    env_networks,
+    env_rate,
+    env_seconds,
+    env_str,
+)
 from orchestration_site.logging_config import service_logging
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -120,6 +133,8 @@ RABBITMQ = {
     "password": env_str("RABBITMQ_PASSWORD", default="guest"),
     "vhost": env_str("RABBITMQ_VHOST", default="/"),
 }
+# quorum: the contract's queues are replicated over a RabbitMQ cluster (docs/operations.md#queue-type)
+RABBITMQ_QUEUE_TYPE = env_choice("RABBITMQ_QUEUE_TYPE", ("classic", "quorum"), default="classic")
 
 _auth_host = env_str("AUTHERIZATION_SERVER_HOST", "AUTHORIZATION_SERVER_HOST", default="http://localhost")
 _auth_port = env_int("AUTHERIZATION_SERVER_PORT", "AUTHORIZATION_SERVER_PORT", default=5206, minimum=1, maximum=65535)
@@ -242,6 +257,23 @@ SECURE_HSTS_INCLUDE_SUBDOMAINS = not DEBUG
 SECURE_HSTS_PRELOAD = not DEBUG
 SECURE_CONTENT_TYPE_NOSNIFF = True
 X_FRAME_OPTIONS = "DENY"
+
+# Operations (docs/operations.md). /metrics answers these client addresses only; others get 404.
+METRICS_ALLOWED_CIDRS = env_networks("METRICS_ALLOWED_CIDRS", "127.0.0.1/32,::1/128")
+# /readyz gives the database, Redis and the broker this long, together, to answer
+READINESS_TIMEOUT_SECONDS = env_seconds("READINESS_TIMEOUT_SECONDS", 2.0)
+# each consumer serves its metrics on this port (0: none), on CONSUMER_METRICS_HOST
+CONSUMER_METRICS_PORT = env_int("CONSUMER_METRICS_PORT", default=0, minimum=0, maximum=65535)
+CONSUMER_METRICS_HOST = env_str("CONSUMER_METRICS_HOST", default="127.0.0.1")
+# the consumer's heartbeat: its name (one per consumer), the file it touches, and how old a beat
+# may be before `consumer_health` calls the consumer stalled
+CONSUMER_NAME = env_str("CONSUMER_NAME", default=socket.gethostname())
+CONSUMER_HEARTBEAT_FILE = env_str("CONSUMER_HEARTBEAT_FILE",
+                                  default=str(Path(tempfile.gettempdir()) / f"saga-consumer-{CONSUMER_NAME}.heartbeat"))
+CONSUMER_HEARTBEAT_MAX_AGE_SECONDS = env_seconds("CONSUMER_HEARTBEAT_MAX_AGE_SECONDS", 60.0)
+# how often each consumer files the dead-letter queue's messages into the console's table
+# (sagas.dead_letters); 0, the default for now: they stay in saga.replies.dead
+DEAD_LETTER_FILE_EVERY_SECONDS = env_float("DEAD_LETTER_FILE_EVERY_SECONDS", 0.0, minimum=0.0, maximum=3600.0)
 
 # One format for every line, uvicorn's included: see orchestration_site/logging_config.py
 LOGGING = service_logging(log_format=env_str("LOG_FORMAT"), level=env_str("LOG_LEVEL"))

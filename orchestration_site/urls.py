@@ -5,6 +5,8 @@ from rest_framework.renderers import JSONRenderer
 from rest_framework.routers import SimpleRouter
 
 from sagas.api import OrderViewSet, SagaViewSet, liveness
+from sagas.health import readyz
+from sagas.metrics import metrics_view
 
 
 class JSONErrors:
@@ -30,6 +32,8 @@ router.register("sagas", SagaViewSet, basename="sagas")
 
 urlpatterns = [
     path("", liveness, name="liveness"),
+    path("readyz", readyz, name="readyz"),
+    path("metrics", metrics_view, name="metrics"),
     path("admin/", admin.site.urls),
     path("api/schema/", SchemaView.as_view(authentication_classes=[], permission_classes=[]), name="schema"),
     path("api/docs/", DocsView.as_view(url_name="schema", authentication_classes=[], permission_classes=[]),

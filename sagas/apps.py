@@ -6,4 +6,4 @@ class SagasConfig(AppConfig):
     verbose_name = "Order sagas"
 
     def ready(self):
-        from sagas import live_socket, schema  # noqa: F401  (register the logout signal and the OpenAPI auth extension)
+        from sagas import admin_dead_letters, live_socket, schema  # noqa: F401  (register the dead letters' admin, the logout signal and the OpenAPI auth extension)

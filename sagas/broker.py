@@ -21,6 +21,8 @@ import pika.data
 import pika.exceptions
 from django.conf import settings
 
+from sagas import metrics
+
 log = logging.getLogger(__name__)
 
 COMMANDS_EXCHANGE = "saga.commands"
@@ -88,6 +90,8 @@ class Delivery:
     headers: dict = field(default_factory=dict)
     # the AMQP user_id property; RabbitMQ refuses a message whose user_id is not its connection's user
     user_id: str | None = None
+    timestamp: int | None = None  # the AMQP timestamp property: when it was published (seconds)
+    received_at: float = field(default_factory=time.monotonic)  # built as it arrives (sagas.metrics)
 
 
 def _delivery(method, properties, body: bytes) -> Delivery:
@@ -100,6 +104,7 @@ def _delivery(method, properties, body: bytes) -> Delivery:
         redelivered=method.redelivered,
         headers=_copyable_headers(properties.headers),
         user_id=_text(properties.user_id),
+        timestamp=properties.timestamp if isinstance(properties.timestamp, int) else None,
     )
 
 
@@ -165,14 +170,22 @@ def participant_queues() -> dict[str, str]:
     return {**PARTICIPANT_QUEUES, **declared}
 
 
+def queue_arguments() -> dict:
+    """The arguments of every queue of the contract: its type (RABBITMQ_QUEUE_TYPE). Classic queues
+    are declared without the argument, as they always were; a queue that exists with another type
+    refuses the declaration (PRECONDITION_FAILED): docs/operations.md#queue-type tells the move."""
+    queue_type = settings.RABBITMQ_QUEUE_TYPE
+    return {} if queue_type == "classic" else {"x-queue-type": queue_type}
+
+
 def declare_topology(channel) -> None:
     """Declare every exchange and queue of the contract, so no command is ever unroutable."""
     channel.exchange_declare(COMMANDS_EXCHANGE, exchange_type="topic", durable=True)
     channel.exchange_declare(EVENTS_EXCHANGE, exchange_type="topic", durable=True)
     for queue_name, binding in participant_queues().items():
-        channel.queue_declare(queue_name, durable=True)
+        channel.queue_declare(queue_name, durable=True, arguments=queue_arguments())
         channel.queue_bind(queue_name, COMMANDS_EXCHANGE, routing_key=binding)
-    channel.queue_declare(REPLIES_QUEUE, durable=True)
+    channel.queue_declare(REPLIES_QUEUE, durable=True, arguments=queue_arguments())
     _declare_dead_letter_queue(channel.connection)
 
 
@@ -194,7 +207,7 @@ def _declare_dead_letter_queue(connection) -> None:
     channel = connection.channel()
     try:
         channel.queue_declare(DEAD_LETTER_QUEUE, durable=True,
-                              arguments={"x-max-length": DEAD_LETTER_LIMIT, "x-overflow": "drop-head"})
+                              arguments={"x-max-length": DEAD_LETTER_LIMIT, "x-overflow": "drop-head", **queue_arguments()})
     except pika.exceptions.ChannelClosedByBroker as error:
         if error.reply_code != 406:
             raise
@@ -234,6 +247,7 @@ class Broker:
                     self._channel = self._connection.channel()
                     self._channel.confirm_delivery()
                     declare_topology(self._channel)
+                metrics.broker_connected(self)
             except CONNECTION_ERRORS as error:
                 self.close()
                 raise BrokerUnavailable(f"cannot connect to RabbitMQ: {error!r}") from error
@@ -451,6 +465,27 @@ class Broker:
             if method is None:
                 return taken
             taken.append(_delivery(method, properties, body))
+
+    def take(self, queue_name: str, handle: Callable[[Delivery], None], *, limit: int) -> int:
+        """Hand up to `limit` waiting messages to `handle`, one at a time, acking each only after
+        `handle` returned (one that raises goes back to the queue, and the error up). Returns how
+        many messages the queue still held after the last one taken."""
+        channel = self._ensure()
+        try:
+            for _ in range(limit):
+                method, properties, body = channel.basic_get(queue_name, auto_ack=False)
+                if method is None:
+                    return 0
+                try:
+                    handle(_delivery(method, properties, body))
+                except BaseException:
+                    channel.basic_nack(method.delivery_tag, requeue=True)
+                    raise
+                channel.basic_ack(method.delivery_tag)
+            return method.message_count
+        except CONNECTION_ERRORS as error:
+            self.close()
+            raise BrokerUnavailable(f"lost RabbitMQ while taking from {queue_name}: {error!r}") from error
 
     def purge(self, *queue_names: str) -> None:
         channel = self._ensure()

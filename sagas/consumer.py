@@ -15,7 +15,7 @@ from django.conf import settings
 from django.db import DatabaseError, InterfaceError, OperationalError, close_old_connections, connection
 from django.utils.crypto import constant_time_compare, salted_hmac
 
-from sagas import outbox, services
+from sagas import dead_letters, health, metrics, outbox, services
 from sagas.broker import DEAD_LETTER_QUEUE, DEAD_LETTER_REASON, MAX_REASON_CHARS, REPLIES_QUEUE, Broker, Delivery, RetryLater
 from sagas.replies import PoisonMessage, parse_reply, storable_text
 
@@ -112,8 +112,9 @@ class SagaConsumer:
             return self.dead_letter(delivery, judged, saga_id=_saga_id_of(delivery.correlation_id))
         saga_id = judged.saga_id
         try:
-            services.handle_reply(saga_id=saga_id, reply=judged.reply, message_id=judged.message_id,
-                                  redelivered=judged.redelivered)
+            decision = services.handle_reply(saga_id=saga_id, reply=judged.reply, message_id=judged.message_id,
+                                             redelivered=judged.redelivered)
+            metrics.reply_outcome("applied" if decision.changed else "ignored", received_at=delivery.received_at)
         except services.SagaNotFound:
             self.dead_letter(delivery, f"unknown saga {saga_id}", saga_id=None)
         except services.NotInFlow as refused:
@@ -148,6 +149,7 @@ class SagaConsumer:
         done = {position for (position, _), ok in zip(parsed, applied) if ok}
         for position in done:
             self._judged.pop(id(deliveries[position]), None)
+            metrics.reply_outcome("applied", received_at=deliveries[position].received_at)
         return done
 
     def retry_or_dead_letter(self, delivery: Delivery, error: Exception, *, saga_id: str | None) -> None:
@@ -167,6 +169,7 @@ class SagaConsumer:
                             message_id=delivery.message_id, correlation_id=delivery.correlation_id,
                             headers={**delivery.headers, REASON_HEADER: reason})
         self.dead_lettered += 1
+        metrics.reply_outcome("dead_lettered")
         log.warning("reply dead-lettered", extra={"reason": reason, "message_id": delivery.message_id,
                                                    "saga_id": saga_id, "dead_lettered": self.dead_lettered})
         try:
@@ -180,6 +183,9 @@ class SagaConsumer:
         relay: the replies that deadlines would give up on may be waiting in the backlog, and
         resending for them would only grow it (with short step timeouts, a storm of resends)."""
         now = time.monotonic()
+        health.loop_turned()
+        metrics.sample()
+        dead_letters.file_due(self.broker)
         try:
             close_old_connections()
             if deadlines and now >= self._next_deadline_check:

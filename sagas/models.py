@@ -170,3 +170,6 @@ class OutboxMessage(models.Model):
 
     def __str__(self) -> str:
         return f"{self.routing_key} for {self.saga_id}"
+
+
+from sagas.dead_letter_models import DeadLetter  # noqa: E402,F401  (the dead letters, sagas.dead_letters)

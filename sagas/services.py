@@ -19,7 +19,7 @@ from functools import partial
 from django.conf import settings
 from django.db import IntegrityError, InterfaceError, OperationalError, transaction
 
-from sagas import engine, flows, live, live_state, outbox, records
+from sagas import engine, flows, live, live_state, metrics, outbox, records
 from sagas.engine import Decision, Limits, Reply, SagaState
 from sagas.models import OutboxMessage, Saga, TimelineEntry, moment
 
@@ -128,6 +128,7 @@ def _announce(changes: list[_Change], rows: list[OutboxMessage]) -> None:
     """After the commit: the log lines, the states to Redis, the messages to the broker, the live pages."""
     for change in changes:
         _log_decision(change.cause, change.decision)
+        metrics.transition(change.cause.kind, change.before, change.decision)
     live_state.write_states([change.decision.state for change in changes])
     if rows:
         outbox.publish(rows)
@@ -196,6 +197,7 @@ def load_saga_state(saga_id: str, *, from_database: bool = False) -> SagaState:
         state = row.engine_state()
         if not from_database:
             log.info("saga rebuilt from the database", extra={"saga_id": saga_id, "version": state.version})
+            metrics.saga_rebuilt()
         live_state.write_state(state)
     return state
 

@@ -2,6 +2,7 @@ import signal
 
 from django.core.management.base import BaseCommand
 
+from sagas import health
 from sagas.broker import Broker
 from sagas.consumer import SagaConsumer
 
@@ -11,8 +12,10 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser):
         parser.add_argument("--prefetch", type=int, default=50, help="unacked replies held at once")
+        parser.add_argument("--metrics-port", type=int, default=None, help="serve metrics here (default: CONSUMER_METRICS_PORT)")
 
-    def handle(self, *args, prefetch: int, **options):
+    def handle(self, *args, prefetch: int, metrics_port: int | None, **options):
+        health.consumer_started(metrics_port=metrics_port)
         consumer = SagaConsumer(Broker(), prefetch=prefetch)
         signal.signal(signal.SIGTERM, consumer.stop)
         signal.signal(signal.SIGINT, consumer.stop)
