@@ -14,6 +14,7 @@ from orchestration_site.env import ConfigError, env_networks
 from sagas import engine, metrics, services
 from sagas.dead_letter_models import DeadLetter
 from sagas.engine import Limits, Reply
+from sagas.flows import ORDER_FLOW
 from sagas.models import OutboxMessage, Saga
 from tests.conftest import ORDER, finished
 
@@ -52,7 +53,7 @@ def test_the_counters_agree_with_what_the_engine_decided(events):
     attempt > 1 is a resend of its kind; a deadline counts as a timeout exactly when the awaited
     command was not sent again."""
     before_counts, now = counts(), 0.0
-    decision = engine.start(saga_id=str(uuid.uuid4()), facts=FACTS, limits=LIMITS, now=now)
+    decision = engine.start(ORDER_FLOW, saga_id=str(uuid.uuid4()), facts=FACTS, limits=LIMITS, now=now)
     metrics.transition("started", None, decision)
     expected = {"started": 1, "cause:started": 1}
 
@@ -64,7 +65,7 @@ def test_the_counters_agree_with_what_the_engine_decided(events):
         if event == "timeout":
             now = state.awaiting.deadline if state.awaiting else now + 1
             cause = "timeout"
-            decision = engine.on_timeout(state, limits=LIMITS, now=now)
+            decision = engine.on_timeout(ORDER_FLOW, state, limits=LIMITS, now=now)
         else:
             awaited = state.awaiting
             if awaited is None:
@@ -72,7 +73,7 @@ def test_the_counters_agree_with_what_the_engine_decided(events):
             attempt = awaited.attempt + (1 if event == "stale" else 0)
             status = "failure" if event == "failure" else "success"
             cause = "reply"
-            decision = engine.on_reply(state, Reply(awaited.command, attempt, status, None,
+            decision = engine.on_reply(ORDER_FLOW, state, Reply(awaited.command, attempt, status, None,
                                                     DATA.get(awaited.command, {}) if status == "success" else {}),
                                        limits=LIMITS, now=now)
         metrics.transition(cause, state, decision)
@@ -91,7 +92,7 @@ def test_the_counters_agree_with_what_the_engine_decided(events):
 
 
 def test_an_ignored_decision_counts_nothing():
-    decision = engine.start(saga_id=str(uuid.uuid4()), facts=FACTS, limits=LIMITS, now=0.0)
+    decision = engine.start(ORDER_FLOW, saga_id=str(uuid.uuid4()), facts=FACTS, limits=LIMITS, now=0.0)
     before = counts()
     metrics.transition("reply", decision.state, engine.ignored(decision.state, "duplicate reply"))
     assert delta(before) == {}
