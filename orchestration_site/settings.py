@@ -272,8 +272,8 @@ CONSUMER_HEARTBEAT_FILE = env_str("CONSUMER_HEARTBEAT_FILE",
                                   default=str(Path(tempfile.gettempdir()) / f"saga-consumer-{CONSUMER_NAME}.heartbeat"))
 CONSUMER_HEARTBEAT_MAX_AGE_SECONDS = env_seconds("CONSUMER_HEARTBEAT_MAX_AGE_SECONDS", 60.0)
 # how often each consumer files the dead-letter queue's messages into the console's table
-# (sagas.dead_letters); 0, the default for now: they stay in saga.replies.dead
-DEAD_LETTER_FILE_EVERY_SECONDS = env_float("DEAD_LETTER_FILE_EVERY_SECONDS", 0.0, minimum=0.0, maximum=3600.0)
+# (sagas.dead_letters), where staff requeue or discard them; 0: they stay in saga.replies.dead
+DEAD_LETTER_FILE_EVERY_SECONDS = env_float("DEAD_LETTER_FILE_EVERY_SECONDS", 5.0, minimum=0.0, maximum=3600.0)
 
 # One format for every line, uvicorn's included: see orchestration_site/logging_config.py
 LOGGING = service_logging(log_format=env_str("LOG_FORMAT"), level=env_str("LOG_LEVEL"))

@@ -13,3 +13,6 @@ INSTALLED_APPS = [*INSTALLED_APPS, "demo"]
 DEMO = True  # the demo's commands run here (demo/guard.py)
 STATIC_ROOT = None  # tests serve no collected static files
 WHITENOISE_USE_FINDERS = True
+# Most tests look for dead letters in saga.replies.dead itself; tests/test_dead_letters.py turns
+# the consumer's filing of them into the console's table on where it tests it.
+DEAD_LETTER_FILE_EVERY_SECONDS = 0.0

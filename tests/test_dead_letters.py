@@ -70,7 +70,8 @@ def test_the_saga_is_found_from_the_body_when_the_correlation_id_names_none(brok
 
 
 @pytest.mark.usefixtures("consumer")
-def test_filing_is_off_unless_asked_for(broker):
+def test_filing_is_off_when_its_period_is_zero(broker, settings):
+    settings.DEAD_LETTER_FILE_EVERY_SECONDS = 0
     broker.publish(exchange="", routing_key=REPLIES_QUEUE, body=b"not json", message_id="m-stays")
     (dead,) = wait_for(lambda: broker.drain(DEAD_LETTER_QUEUE), timeout=15, what="the dead letter")
     assert dead.message_id == "m-stays" and not DeadLetter.objects.exists()

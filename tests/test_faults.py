@@ -58,7 +58,7 @@ def test_no_saga_is_lost_and_no_effect_is_doubled(short_schedule):
     assert report.ok, "\n" + result.summary()
     for name in ("LOST: accepted sagas not terminal", "DUPLICATED/MISSING effects: ledger != status",
                  "Redis disagrees with the database (present ones)", "messages left in saga.replies",
-                 "outbox rows not sent", "poison missing from the dead-letter queue", "dead letters that were not poison"):
+                 "outbox rows not sent", "poison missing from the dead letters", "dead letters that were not poison"):
         assert report.row(name).value == 0, name
 
 

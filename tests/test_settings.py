@@ -129,3 +129,9 @@ def test_retry_backoff_and_cap_are_validated(name, value):
 def test_fractional_retry_backoff_and_cap_are_accepted():
     result = start(DJANGO_DEBUG="1", SAGA_RETRY_BACKOFF="1.5", SAGA_RETRY_MAX_SECONDS="90.5")
     assert result.returncode == 0, result.stderr
+
+
+def test_consumers_file_dead_letters_for_the_console_unless_told_not_to():
+    assert settings_of("settings.DEAD_LETTER_FILE_EVERY_SECONDS", DJANGO_SECRET_KEY="x" * 50) == [5.0]
+    assert settings_of("settings.DEAD_LETTER_FILE_EVERY_SECONDS", DJANGO_SECRET_KEY="x" * 50,
+                       DEAD_LETTER_FILE_EVERY_SECONDS="0") == [0.0]

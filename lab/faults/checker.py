@@ -131,6 +131,14 @@ def unfinished(database_url: str) -> int:
                                   ).fetchone()[0]
 
 
+def filed_dead_letters(database_url: str) -> list[infra.RawMessage]:
+    """The dead letters consumers have moved from the queue into the console's table."""
+    with psycopg.connect(database_url) as connection:
+        rows = connection.execute("SELECT message_id, correlation_id, headers, body FROM sagas_deadletter").fetchall()
+    return [infra.RawMessage(message_id or None, correlation_id or None, headers or {}, bytes(body))
+            for message_id, correlation_id, headers, body in rows]
+
+
 def sent_commands(database_url: str) -> Counter:
     """(saga_id, command, attempt) -> how often the timeline says it was sent."""
     with psycopg.connect(database_url) as connection:
@@ -275,14 +283,14 @@ def check(*, orders: list[Order], sagas: dict[str, SagaRow], database_url: str, 
     report.details.extend(f"events {statuses} for {saga_id} ({sagas[saga_id].status if saga_id in sagas else 'unknown'})"
                           for saga_id, statuses in wrong_events)
 
-    # dead letters: exactly the poison
-    dead = infra.take_all(vhost, DEAD_LETTER_QUEUE)
+    # dead letters: exactly the poison, whether still in the queue or filed for the console
+    dead = infra.take_all(vhost, DEAD_LETTER_QUEUE) + filed_dead_letters(database_url)
     seen = Counter(message.message_id for message in dead)
     injected = set(poison_ids)
     report.add("poison injected", len(poison_ids))
     report.add("dead letters", len(dead), len(poison_ids))
     missing = sorted(injected - set(seen))
-    report.add("poison missing from the dead-letter queue", len(missing), 0)
+    report.add("poison missing from the dead letters", len(missing), 0)
     unexpected = [m for m in dead if m.message_id not in injected]
     report.add("dead letters that were not poison", len(unexpected), 0)
     duplicates = sum(count - 1 for message_id, count in seen.items() if message_id in injected and count > 1)
