@@ -24,7 +24,11 @@ from rest_framework import authentication, exceptions, status, throttling
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
+from sagas.replies import storable_text
+
 log = logging.getLogger(__name__)
+
+MAX_USER_ID_LENGTH = 128  # the saga's user_id column
 
 CONNECT_TIMEOUT = 1.0
 MAX_IDENTITY_BYTES = 64 * 1024
@@ -180,9 +184,15 @@ def _caller_from(body: bytes) -> Caller:
     except (ValueError, KeyError, TypeError, RecursionError):
         log.warning("auth service answered 200 without a user_id")
         raise AuthServiceUnavailable() from None
-    if isinstance(user_id, bool) or not isinstance(user_id, (str, int)) or str(user_id) == "":
+    if isinstance(user_id, bool) or not isinstance(user_id, (str, int)):
         raise AuthServiceUnavailable()
-    return Caller(user_id=str(user_id), is_staff=identity.get("is_staff") is True)
+    # the saga's user_id column holds it: what it cannot store (too long, NUL, a lone surrogate)
+    # is an auth service outside the contract, not a database outage
+    user_id = str(user_id)
+    if storable_text(user_id, max_length=MAX_USER_ID_LENGTH) != user_id or user_id == "":
+        log.warning("auth service answered a user_id the service cannot store", extra={"length": len(user_id)})
+        raise AuthServiceUnavailable()
+    return Caller(user_id=user_id, is_staff=identity.get("is_staff") is True)
 
 
 _client: AuthClient | None = None

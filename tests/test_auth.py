@@ -10,6 +10,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from django.contrib.auth.password_validation import validate_password
 from django.core.exceptions import ValidationError
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 
 from sagas.auth import AuthClient, AuthServiceUnavailable
 from sagas.models import Saga
@@ -155,6 +158,37 @@ def test_an_oversized_identity_counts_as_unavailable(odd_auth_service):
 
     with pytest.raises(AuthServiceUnavailable):
         AuthClient(odd_auth_service(Huge), timeout=2.0).verify("Bearer a")
+
+
+class AnyIdentity(Quiet):
+    """Answers 200 with whatever identity the test put in `identity`."""
+    identity = b"{}"
+
+    def do_GET(self):
+        self.answer(200, type(self).identity, **{"Content-Type": "application/json"})
+
+
+@pytest.fixture
+def any_identity_service(odd_auth_service, settings):
+    settings.AUTH_VERIFY_URL = odd_auth_service(AnyIdentity)
+    return AnyIdentity
+
+
+@hypothesis_settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(user_id=st.one_of(st.text(), st.integers(-(10**30), 10**30), st.floats(), st.booleans(), st.none(),
+                         st.lists(st.integers(), max_size=2)))
+def test_any_user_id_from_the_auth_service_starts_a_saga_or_is_a_503_never_a_500(client, any_identity_service, user_id):
+    """Whatever the auth service calls the user: the order is stored under that name whole, or the
+    answer is 503 (an auth service outside the contract), never a 500 or a false database outage."""
+    any_identity_service.identity = json.dumps({"user_id": user_id}).encode()
+    response = client.post("/orders/create_order", data=json.dumps({"items": [{"product_id": "sku-1", "quantity": 1}]}),
+                           content_type="application/json", HTTP_AUTHORIZATION="Bearer any")
+    assert response.status_code in (202, 503), response.content
+    assert response["Content-Type"] == "application/json"
+    if response.status_code == 202:
+        assert Saga.objects.get(pk=response.json()["saga_id"]).user_id == str(user_id)
+    else:
+        assert "auth service" in response.json()["detail"]
 
 
 # API throttles
