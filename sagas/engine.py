@@ -253,7 +253,7 @@ def on_reply(flow: Flow, state: SagaState, reply: Reply, *, limits: Limits, now:
             return counted
     awaited = state.awaiting
     if awaited is None or awaited.command != reply.command or awaited.attempt != reply.attempt:
-        return _late_reply(state, reply, definition, now)
+        return _late_reply(state, reply, definition, limits, now)
     if awaited.answered:
         return ignored(state, "duplicate reply")
     if reply.command == definition.command:
@@ -264,12 +264,13 @@ def on_reply(flow: Flow, state: SagaState, reply: Reply, *, limits: Limits, now:
 def _compensation_success(flow: Flow, state: SagaState, reply: Reply, definition: StepDefinition, limits: Limits,
                           now: float) -> Decision | None:
     """A success to any send of a compensation we made counts: participants answer every send of
-    it as the same request, so the earliest success is as good as the awaited one. None: not ours."""
+    it as the same request, so the earliest success is as good as the awaited one. None: not ours.
+    A success for a step staff marked compensated by hand is flagged "undone twice", once."""
     step = state.step(definition.name)
     if not 1 <= reply.attempt <= step.compensation_attempts:
         return None
+    awaited_here = state.awaiting is not None and state.awaiting.command == reply.command
     if step.status == StepStatus.COMPENSATING and state.status in (SagaStatus.COMPENSATING, SagaStatus.FAILED):
-        awaited_here = state.awaiting is not None and state.awaiting.command == reply.command
         exact = awaited_here and state.awaiting.attempt == reply.attempt
         note = "applied" if exact else (
             f"late success of {reply.command} (attempt {reply.attempt}) after the saga failed: undoing carries on"
@@ -277,23 +278,44 @@ def _compensation_success(flow: Flow, state: SagaState, reply: Reply, definition
             else f"success of an earlier send of {reply.command} (attempt {reply.attempt}): counted")
         state = _with_step(_leave_failed(state), definition.name, status=StepStatus.COMPENSATED)
         if state.awaiting is not None and not awaited_here:
-            return Decision(state=state, note=note)
-        return replace(_compensate_next(flow, replace(state, awaiting=None), limits, now), note=note)
-    if step.status == StepStatus.COMPENSATED and step.marked_by_hand and not step.undone_twice:
-        state = _with_step(state, definition.name, undone_twice=True)
-        event = Event(UNDONE_TWICE, {**_event_body(state), "step": definition.name, "command": reply.command})
-        return Decision(state=state, messages=(event,), note=f"undone twice: check with {participant_of(reply.command)}")
-    return None
+            decision = Decision(state=state, note=note)
+        else:
+            decision = replace(_compensate_next(flow, replace(state, awaiting=None), limits, now), note=note)
+    elif step.status == StepStatus.COMPENSATING and state.status == SagaStatus.COMPENSATED:
+        # the undo of an effect that happened after the saga was compensated (see _late_reply)
+        state = _with_step(state, definition.name, status=StepStatus.COMPENSATED)
+        decision = Decision(state=replace(state, awaiting=None) if awaited_here else state,
+                            note=f"the late effect of {definition.name} is undone")
+    elif step.status == StepStatus.COMPENSATED and step.marked_by_hand and not step.undone_twice:
+        decision = Decision(state=state)
+    else:
+        return None
+    if step.marked_by_hand and not step.undone_twice:
+        return _undone_twice(decision, definition, reply)
+    return decision
 
 
-def _late_reply(state: SagaState, reply: Reply, definition: StepDefinition, now: float) -> Decision:
+def _undone_twice(decision: Decision, definition: StepDefinition, reply: Reply) -> Decision:
+    """A participant undid a step that staff had marked compensated by hand: say so, once."""
+    state = _with_step(decision.state, definition.name, undone_twice=True)
+    event = Event(UNDONE_TWICE, {**_event_body(state), "step": definition.name, "command": reply.command})
+    return Decision(state=state, messages=(*decision.messages, event),
+                    note=f"undone twice: check with {participant_of(reply.command)}")
+
+
+def _late_reply(state: SagaState, reply: Reply, definition: StepDefinition, limits: Limits, now: float) -> Decision:
     step = state.step(definition.name)
     late_success = reply.command == definition.command and reply.status == ReplyStatus.SUCCESS
-    if late_success and step.outcome_unknown and step.status == StepStatus.COMPENSATED:
-        # The action happened after we gave up on it and undid it: undo it once more.
-        attempt = step.compensation_attempts + 1
-        state = _with_step(state, step.name, compensation_attempts=attempt, outcome_unknown=False, compensation_sent_at=now)
-        command = _compensation_command(state, definition, attempt)
+    if late_success and step.outcome_unknown and step.status == StepStatus.COMPENSATED and state.awaiting is None:
+        # The action happened after we gave up on it and undid it: undo it once more, awaited with
+        # deadlines and a fresh budget of sends like any compensation (what the success taught, an
+        # order_id say, goes into the undo). The saga stays compensated unless that undo gives up:
+        # then it is failed, and staff must act.
+        facts = {**state.facts, **{fact: reply.data[field] for field, fact in definition.learns if field in reply.data}}
+        budget = step_limits(definition, limits).compensation_max_attempts
+        state = _with_step(replace(state, facts=facts), step.name, outcome_unknown=False,
+                           compensation_limit=step.compensation_attempts + budget)
+        state, command = _send_compensation(state, definition, limits, now)
         return Decision(state=state, messages=(command,), note="late success after compensation: compensation sent again")
     if state.status in TERMINAL:
         return ignored(state, f"reply for a {state.status} saga")

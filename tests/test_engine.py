@@ -123,6 +123,29 @@ def test_late_success_after_the_step_was_compensated_sends_the_compensation_agai
     assert not again.changed
 
 
+def test_the_undo_of_a_late_effect_is_awaited_resent_and_gives_up_like_any_compensation():
+    """Found in review: the undo sent after a late success went out once, with no deadline, so a
+    lost or refused one left the effect standing under a compensated saga."""
+    decision = started()
+    for _ in range(LIMITS.step_max_attempts):
+        decision = engine.on_timeout(ORDER_FLOW, decision.state, limits=LIMITS, now=decision.state.awaiting.deadline)
+    decision = succeed(decision)
+    late = engine.on_reply(ORDER_FLOW, decision.state, Reply("stock.reduce", 2, "success", data={"total": "5"}),
+                           limits=LIMITS, now=99)
+    assert (late.state.awaiting.command, late.state.awaiting.attempt) == ("stock.restore", 2)
+    assert late.state.facts["amount"] == "5"  # what the late success taught goes into the undo
+    resent = engine.on_timeout(ORDER_FLOW, late.state, limits=LIMITS, now=late.state.awaiting.deadline)
+    assert sent(resent) == [("stock.restore", 3)] and resent.state.status == SagaStatus.COMPENSATED
+    undone = engine.on_reply(ORDER_FLOW, resent.state, Reply("stock.restore", 2, "success"), limits=LIMITS, now=200)
+    assert undone.state.awaiting is None and undone.messages == ()  # saga.compensated was told already
+    assert undone.state.step("reduce_stock").status == StepStatus.COMPENSATED
+    decision = resent
+    while decision.state.status == SagaStatus.COMPENSATED:  # the participant never undoes it
+        decision = engine.on_timeout(ORDER_FLOW, decision.state, limits=LIMITS, now=decision.state.awaiting.deadline)
+    assert decision.state.status == SagaStatus.FAILED  # staff must act
+    assert [m.routing_key for m in decision.messages if isinstance(m, Event)] == ["saga.failed"]
+
+
 def test_staff_compensate_of_a_running_saga_undoes_the_step_in_flight():
     decision = succeed(started())
     plan = engine.compensation_plan(ORDER_FLOW, decision.state)
@@ -422,10 +445,15 @@ class SagaHistory(RuleBasedStateMachine):
         commands = [m for m in decision.messages if isinstance(m, Command)]
         events = [m for m in decision.messages if isinstance(m, Event)]
         if before in (SagaStatus.COMPLETED, SagaStatus.COMPENSATED) and origin not in ("staff compensate",):
-            # a finished saga only sends the documented late handling
+            # a finished saga only sends the documented late handling: the undo of an effect that
+            # happened after it was compensated, and that undo's resends until it succeeds or gives up
             late_undo = reply is not None and reply.command in FORWARD and reply.status == "success"
-            assert all(late_undo and c.command in UNDO for c in commands), (origin, commands)
-            assert all(e.routing_key == UNDONE_TWICE for e in events), (origin, events)
+            undoing_late = self.state.awaiting is not None and self.state.awaiting.command in UNDO
+            resend = undoing_late and origin in ("deadline", "staff retry")
+            assert all((late_undo or resend) and c.command in UNDO for c in commands), (origin, commands)
+            gave_up = undoing_late and decision.state.status == SagaStatus.FAILED
+            assert all(e.routing_key == UNDONE_TWICE or (gave_up and e.routing_key == "saga.failed") for e in events), \
+                (origin, events)
         if before == SagaStatus.FAILED and origin in ("deadline",):
             assert decision.messages == ()
         for command in commands:
@@ -437,7 +465,8 @@ class SagaHistory(RuleBasedStateMachine):
                 assert step not in self.forward_failure_known
                 if reply is not None and reply.command in FORWARD and reply.status == "success" \
                         and self.state.step(step).status == StepStatus.COMPENSATED:
-                    self.limit[command.command] += 1  # the late-success undo is one send more
+                    # the late-success undo gets a fresh budget of sends
+                    self.limit[command.command] = command.attempt - 1 + MACHINE_LIMITS.compensation_max_attempts
             else:
                 assert not any(sent.command in UNDO for sent, _ in self.sent), "forward after undoing began"
             self.sent.append((command, self.now))
@@ -449,7 +478,11 @@ class SagaHistory(RuleBasedStateMachine):
                 assert event.body["command"] == ORDER_FLOW.steps[STEP_NAMES.index(event.body["step"])].compensation
             else:
                 assert event.routing_key == f"saga.{decision.state.status}"
-                assert not self.terminal_events or self.terminal_events[-1] in ("saga.failed", "saga.completed")
+                # after saga.compensated only saga.failed may follow: a late effect whose undo gave up
+                allowed = ("saga.failed", "saga.completed")
+                if event.routing_key == "saga.failed":
+                    allowed += ("saga.compensated",)
+                assert not self.terminal_events or self.terminal_events[-1] in allowed
                 self.terminal_events.append(event.routing_key)
         for kind in ("after the saga failed", "earlier send", "undone twice", "granted by staff", "late success after"):
             if kind in decision.note:
