@@ -506,6 +506,11 @@ def state_to_dict(state: SagaState) -> dict:
     return asdict(state)
 
 
+def _known(cls, data: dict) -> dict:
+    """The fields `cls` has: a state written by a newer version (a rolling deploy) still loads."""
+    return {key: value for key, value in data.items() if key in cls.__dataclass_fields__}
+
+
 def state_from_dict(data: dict) -> SagaState:
     """Also reads states stored by earlier versions: a field they lack takes its default."""
     flow, flow_version = data.get("flow", flows.ORDER_FLOW.name), data.get("flow_version", flows.ORDER_FLOW.version)
@@ -516,8 +521,8 @@ def state_from_dict(data: dict) -> SagaState:
         saga_id=data["saga_id"],
         status=SagaStatus(data["status"]),
         facts=data["facts"],
-        steps=tuple(StepState(**{**step, "status": StepStatus(step["status"])}) for step in data["steps"]),
-        awaiting=Awaiting(**awaiting) if awaiting else None,
+        steps=tuple(StepState(**{**_known(StepState, step), "status": StepStatus(step["status"])}) for step in data["steps"]),
+        awaiting=Awaiting(**_known(Awaiting, awaiting)) if awaiting else None,
         failure_reason=data.get("failure_reason"),
         version=data.get("version", 0),
         failure_before_give_up=data.get("failure_before_give_up"),

@@ -47,7 +47,19 @@ def read_states(saga_ids: list[str]) -> list[SagaState | None]:
     except RedisError as error:
         log.warning("redis unavailable for read: %r", error, extra={"sagas": len(saga_ids)})
         return [None] * len(saga_ids)
-    return [state_from_dict(json.loads(raw)) if raw else None for raw in raws]
+    return [_decoded(saga_id, raw) for saga_id, raw in zip(saga_ids, raws)]
+
+
+def _decoded(saga_id: str, raw: bytes | None) -> SagaState | None:
+    """A cached state that cannot be read (damaged, or written by an incompatible version) is a
+    cache miss: the saga is rebuilt from the record instead of failing every reply for it."""
+    if not raw:
+        return None
+    try:
+        return state_from_dict(json.loads(raw))
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        log.warning("cached state unreadable, rebuilding from the record: %r", error, extra={"saga_id": saga_id})
+        return None
 
 
 def write_state(state: SagaState) -> bool:
