@@ -253,7 +253,7 @@ def on_reply(flow: Flow, state: SagaState, reply: Reply, *, limits: Limits, now:
             return counted
     awaited = state.awaiting
     if awaited is None or awaited.command != reply.command or awaited.attempt != reply.attempt:
-        return _late_reply(state, reply, definition, limits, now)
+        return _late_reply(flow, state, reply, definition, limits, now)
     if awaited.answered:
         return ignored(state, "duplicate reply")
     if reply.command == definition.command:
@@ -284,10 +284,11 @@ def _compensation_success(flow: Flow, state: SagaState, reply: Reply, definition
     elif step.status == StepStatus.COMPENSATING and state.status == SagaStatus.COMPENSATED:
         # the undo of an effect that happened after the saga was compensated (see _late_reply)
         state = _with_step(state, definition.name, status=StepStatus.COMPENSATED)
-        decision = Decision(state=replace(state, awaiting=None) if awaited_here else state,
-                            note=f"the late effect of {definition.name} is undone")
-    elif step.status == StepStatus.COMPENSATED and step.marked_by_hand and not step.undone_twice:
-        decision = Decision(state=state)
+        decision = _undo_late_effects(flow, replace(state, awaiting=None), limits, now) if awaited_here \
+            else Decision(state=state)
+        decision = replace(decision, note=f"the late effect of {definition.name} is undone")
+    elif step.status in (StepStatus.COMPENSATED, StepStatus.SUCCEEDED) and step.marked_by_hand and not step.undone_twice:
+        decision = Decision(state=state)  # nothing to apply (owed again by a late effect: still owed), but say so
     else:
         return None
     if step.marked_by_hand and not step.undone_twice:
@@ -303,20 +304,32 @@ def _undone_twice(decision: Decision, definition: StepDefinition, reply: Reply) 
                     note=f"undone twice: check with {participant_of(reply.command)}")
 
 
-def _late_reply(state: SagaState, reply: Reply, definition: StepDefinition, limits: Limits, now: float) -> Decision:
+def _undo_late_effects(flow: Flow, state: SagaState, limits: Limits, now: float) -> Decision:
+    """A compensated saga undoes, one at a time, the effects that happened after it was compensated."""
+    owed = [step for step in reversed(state.steps) if step.status in OWED]
+    if not owed:
+        return Decision(state=replace(state, awaiting=None))
+    state, command = _send_compensation(state, flow.step(owed[0].name), limits, now)
+    return Decision(state=state, messages=(command,))
+
+
+def _late_reply(flow: Flow, state: SagaState, reply: Reply, definition: StepDefinition, limits: Limits,
+                now: float) -> Decision:
     step = state.step(definition.name)
     late_success = reply.command == definition.command and reply.status == ReplyStatus.SUCCESS
-    if late_success and step.outcome_unknown and step.status == StepStatus.COMPENSATED and state.awaiting is None:
-        # The action happened after we gave up on it and undid it: undo it once more, awaited with
-        # deadlines and a fresh budget of sends like any compensation (what the success taught, an
-        # order_id say, goes into the undo). The saga stays compensated unless that undo gives up:
-        # then it is failed, and staff must act.
+    if late_success and step.outcome_unknown and step.status == StepStatus.COMPENSATED:
+        # The action happened after we gave up on it and undid it: it is owed again, with what its
+        # success taught (an order_id, say) and a fresh budget of sends. A compensating saga undoes
+        # it in its turn, a failed one when staff resume; a compensated one undoes it now, awaited
+        # like any compensation, and stays compensated unless that undo gives up (then: failed).
         facts = {**state.facts, **{fact: reply.data[field] for field, fact in definition.learns if field in reply.data}}
         budget = step_limits(definition, limits).compensation_max_attempts
-        state = _with_step(replace(state, facts=facts), step.name, outcome_unknown=False,
+        state = _with_step(replace(state, facts=facts), step.name, status=StepStatus.SUCCEEDED, outcome_unknown=False,
                            compensation_limit=step.compensation_attempts + budget)
-        state, command = _send_compensation(state, definition, limits, now)
-        return Decision(state=state, messages=(command,), note="late success after compensation: compensation sent again")
+        note = "late success after compensation: it is undone again"
+        if state.status == SagaStatus.COMPENSATED and state.awaiting is None:
+            return replace(_undo_late_effects(flow, state, limits, now), note=note)
+        return Decision(state=state, note=note)
     if state.status in TERMINAL:
         return ignored(state, f"reply for a {state.status} saga")
     return ignored(state, "reply not awaited (duplicate or stale attempt)")
@@ -453,9 +466,15 @@ def retry_now(flow: Flow, state: SagaState, *, limits: Limits, now: float) -> De
     return Decision(state=state, messages=(command,), note=note)
 
 
+def stuck_step(state: SagaState) -> StepState:
+    """The step whose undo gave up (a step owed again by a late effect waits its turn after it)."""
+    owed = [step for step in reversed(state.steps) if step.status in OWED]
+    return next((step for step in owed if step.status == StepStatus.COMPENSATING), owed[0])
+
+
 def resume_compensation(flow: Flow, state: SagaState, *, limits: Limits, now: float) -> Decision:
     _refuse_unless_allowed(state, StaffAction.RESUME)
-    stuck = next(step for step in reversed(state.steps) if step.status in OWED)
+    stuck = stuck_step(state)
     definition = flow.step(stuck.name)
     limit = stuck.compensation_attempts + step_limits(definition, limits).compensation_max_attempts
     state = _with_step(_leave_failed(state), stuck.name, compensation_limit=limit)

@@ -11,7 +11,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from sagas import engine
 from sagas.engine import ActionRefused, Command, Event, Limits, Reply
 from sagas.flows import ORDER_FLOW, Flow, RetryPolicy, StepDefinition
-from sagas.vocabulary import OWED, TERMINAL, UNDONE_TWICE, SagaStatus, StaffAction, StepStatus
+from sagas.vocabulary import TERMINAL, UNDONE_TWICE, SagaStatus, StaffAction, StepStatus
 
 LIMITS = Limits(step_timeout=10.0, step_max_attempts=3, compensation_max_attempts=4, backoff=2.0, max_wait=300.0)
 FACTS = {"user_id": "alice", "items": [{"product_id": "sku-1", "quantity": 2}], "currency": "EUR", "payment_method": "pm-1"}
@@ -449,8 +449,7 @@ class SagaHistory(RuleBasedStateMachine):
             # happened after it was compensated, and that undo's resends until it succeeds or gives up
             late_undo = reply is not None and reply.command in FORWARD and reply.status == "success"
             undoing_late = self.state.awaiting is not None and self.state.awaiting.command in UNDO
-            resend = undoing_late and origin in ("deadline", "staff retry")
-            assert all((late_undo or resend) and c.command in UNDO for c in commands), (origin, commands)
+            assert all((late_undo or undoing_late) and c.command in UNDO for c in commands), (origin, commands)
             gave_up = undoing_late and decision.state.status == SagaStatus.FAILED
             assert all(e.routing_key == UNDONE_TWICE or (gave_up and e.routing_key == "saga.failed") for e in events), \
                 (origin, events)
@@ -463,10 +462,6 @@ class SagaHistory(RuleBasedStateMachine):
                 # only a step that may have an effect is undone: its forward was sent, not known to have failed
                 assert self.sends_of(ORDER_FLOW.steps[STEP_NAMES.index(step)].command) > 0
                 assert step not in self.forward_failure_known
-                if reply is not None and reply.command in FORWARD and reply.status == "success" \
-                        and self.state.step(step).status == StepStatus.COMPENSATED:
-                    # the late-success undo gets a fresh budget of sends
-                    self.limit[command.command] = command.attempt - 1 + MACHINE_LIMITS.compensation_max_attempts
             else:
                 assert not any(sent.command in UNDO for sent, _ in self.sent), "forward after undoing began"
             self.sent.append((command, self.now))
@@ -528,6 +523,10 @@ class SagaHistory(RuleBasedStateMachine):
             self.forward_failure_known.add(FORWARD[reply.command])
         if reply.command in FORWARD and reply.status == "success":
             self.success_known_at.setdefault(FORWARD[reply.command], len(self.sent))
+            step = self.state.step(FORWARD[reply.command])
+            if step.status == StepStatus.COMPENSATED and step.outcome_unknown:  # a late effect: owed again,
+                undo = ORDER_FLOW.steps[STEP_NAMES.index(step.name)].compensation  # with a fresh budget
+                self.limit[undo] = self.sends_of(undo) + MACHINE_LIMITS.compensation_max_attempts
         self.take(engine.on_reply(ORDER_FLOW, self.state, reply, limits=MACHINE_LIMITS, now=self.now), "reply", reply)
 
     @rule(seconds=st.floats(min_value=0, max_value=120, allow_nan=False))
@@ -555,7 +554,7 @@ class SagaHistory(RuleBasedStateMachine):
 
     def grant_resume(self):
         if self.state.status == SagaStatus.FAILED:  # resuming grants a fresh set of sends to the stuck undo
-            stuck = next(s for s in reversed(self.state.steps) if s.status in OWED)
+            stuck = engine.stuck_step(self.state)
             command = ORDER_FLOW.steps[STEP_NAMES.index(stuck.name)].compensation
             self.limit[command] = self.sends_of(command) + MACHINE_LIMITS.compensation_max_attempts
 
