@@ -23,10 +23,8 @@ from sagas.engine import Decision, Limits, Reply, SagaState
 from sagas.models import Saga, TimelineEntry, moment
 from sagas.runtime import Runtime
 from sagas.runtime import current as current_runtime
-from sagas.transitions import Cause, ConcurrentChange, Request, SagaNotFound
+from sagas.transitions import Cause, ConcurrentChange, Request, SagaNotFound  # the errors callers catch from here
 from sagas.vocabulary import ReplyFate
-
-__all__ = ["ConcurrentChange", "SagaNotFound"]  # raised through here; defined with the machinery
 
 log = logging.getLogger(__name__)
 
