@@ -1,8 +1,9 @@
 """The one module that talks to RabbitMQ (pika). Nothing else imports pika.
 
-It knows the contract's topology, publishes persistent JSON messages with publisher confirms
-within a deadline (declaring the topology again when a message finds no queue), and runs a
-consume loop with manual acks, a prefetch, and reconnection with backoff.
+It connects, declares the contract's topology, publishes persistent JSON messages with publisher
+confirms within a deadline (declaring the topology again when a message finds no queue), yields
+rounds of deliveries (those that arrived together, under a prefetch) and acks or puts them back.
+What a message means, and what to do when handling it fails, is decided above it (sagas.consumer).
 Connections are not shared between threads: one `Broker` per thread, opened after fork.
 """
 from __future__ import annotations
@@ -92,9 +93,11 @@ class Delivery:
     user_id: str | None = None
     timestamp: int | None = None  # the AMQP timestamp property: when it was published (seconds)
     received_at: float = field(default_factory=time.monotonic)  # built as it arrives (sagas.metrics)
+    # (channel, delivery tag): what `Broker.ack` / `nack` need; None for a message taken already acked
+    receipt: tuple | None = field(default=None, compare=False, repr=False)
 
 
-def _delivery(method, properties, body: bytes) -> Delivery:
+def _delivery(method, properties, body: bytes, receipt: tuple | None = None) -> Delivery:
     return Delivery(
         body=body,
         routing_key=method.routing_key,
@@ -105,6 +108,7 @@ def _delivery(method, properties, body: bytes) -> Delivery:
         headers=_copyable_headers(properties.headers),
         user_id=_text(properties.user_id),
         timestamp=properties.timestamp if isinstance(properties.timestamp, int) else None,
+        receipt=receipt,
     )
 
 
@@ -232,6 +236,8 @@ class Broker:
         self._publish_deadline = publish_deadline
         self._connection = None
         self._channel = None
+        self._consume_channel = None
+        self._arrived: list[Delivery] = []
 
     @property
     def connected(self) -> bool:
@@ -333,111 +339,102 @@ class Broker:
             if not connection.is_closed:
                 impl._adapter_remove_timeout(timer)
 
-    def consume(
-        self,
-        queue_name: str,
-        handle: Callable[[Delivery], None],
-        *,
-        prefetch: int,
-        should_stop: Callable[[], bool],
-        tick: Callable[[], None] = lambda: None,
-        tick_seconds: float = 0.2,
-        busy_tick: Callable[[], None] | None = None,
-        handle_batch: Callable[[list[Delivery]], set[int]] | None = None,
-        dead_letter_queue: str | None = None,
-    ) -> None:
-        """Deliver messages to `handle` until `should_stop()`; ack each after `handle` returns.
+    def next_round(self, queue_name: str, *, prefetch: int, timeout: float) -> list[Delivery]:
+        """The deliveries of `queue_name` that have arrived, at most `prefetch` unsettled at once,
+        waiting up to `timeout` seconds for the first (an empty round when none came). Consumes
+        first, and again once a lost connection was reopened. Each delivery must be settled with
+        `ack` or `nack`; those of a lost connection come back by themselves. Raises BrokerUnavailable."""
+        channel = self._consuming(queue_name, prefetch)
+        try:
+            channel.connection.process_data_events(time_limit=0 if self._arrived else timeout)
+        except CONNECTION_ERRORS as error:
+            self.close()
+            raise BrokerUnavailable(f"lost RabbitMQ while consuming {queue_name}: {error!r}") from error
+        round_, self._arrived = self._arrived, []
+        return round_
 
-        `handle` raising `RetryLater` puts the message back after a pause (an outage, not the
-        message's fault). `tick` runs whenever no more deliveries are waiting, and at least every
-        `tick_seconds` while the queue is idle; during a backlog (deliveries keep arriving as fast
-        as they are handled) `busy_tick` (if given) runs instead, at least every `tick_seconds`.
-        Deliveries come in rounds: those that arrived together. `handle_batch` (if given) first sees
-        each round together and returns the positions of those it handled; these are acked without
-        `handle`. A lost connection is reopened with backoff; unacked messages come back by themselves.
-        Any other exception from `handle` or `handle_batch` stays with its delivery: with a
-        `dead_letter_queue` the message is set aside there with the error as its reason, never
-        put back to fail again (without one: put back after a pause, the old behaviour).
-        """
-        last_tick = time.monotonic()
+    def pending(self) -> bool:
+        """Whether more deliveries have arrived already (a backlog), without waiting."""
+        if self._consume_channel is None or not self._consume_channel.is_open:
+            return False
+        try:
+            self._consume_channel.connection.process_data_events(time_limit=0)
+        except CONNECTION_ERRORS as error:
+            log.warning("RabbitMQ connection lost while consuming: %r", error)
+            self.close()
+        return bool(self._arrived)
 
-        def busy() -> None:
-            nonlocal last_tick
-            if busy_tick is not None and time.monotonic() - last_tick >= tick_seconds:
-                last_tick = time.monotonic()
-                busy_tick()
+    def _consuming(self, queue_name: str, prefetch: int):
+        channel = self._consume_channel
+        if channel is not None and channel.is_open and self._connection is not None \
+                and channel.connection is self._connection:
+            return channel
+        # first time, or a publish lost the connection (and may have opened another, with no
+        # consumer on it): consume (again) on the connection of now
+        self._arrived = []
+        self._ensure()
+        try:
+            channel = self._connection.channel()
+            channel.basic_qos(prefetch_count=prefetch)
+            channel.basic_consume(queue_name, lambda ch, method, properties, body: self._arrived.append(
+                _delivery(method, properties, body, receipt=(ch, method.delivery_tag))))
+        except CONNECTION_ERRORS as error:
+            self.close()
+            raise BrokerUnavailable(f"cannot consume {queue_name}: {error!r}") from error
+        self._consume_channel = channel
+        log.info("consuming", extra={"queue": queue_name, "prefetch": prefetch})
+        return channel
 
-        def settle(channel, deliveries: list[tuple[int, Delivery]]) -> None:
-            """Handle one round of deliveries and ack, or put back, each of them."""
-            handled = set()
-            if handle_batch and len(deliveries) > 1:
-                try:
-                    handled = handle_batch([d for _, d in deliveries])
-                except CONNECTION_ERRORS + (BrokerUnavailable,):
-                    raise
-                except Exception:  # each delivery is then handled alone, with its own error handling
-                    log.exception("batch handler failed; handling the round one by one", extra={"queue": queue_name})
-            for position, (tag, delivery) in enumerate(deliveries):
-                if position in handled:
-                    channel.basic_ack(tag)
-                    continue
-                if should_stop():
-                    channel.basic_nack(tag, requeue=True)
-                    continue
-                try:
-                    handle(delivery)
-                except RetryLater as error:
-                    log.warning("message put back: %s", error, extra={"queue": queue_name})
-                    channel.basic_nack(tag, requeue=True)
-                    time.sleep(error.pause)
-                    continue
-                except CONNECTION_ERRORS + (BrokerUnavailable,):
-                    raise
-                except Exception as error:
-                    if dead_letter_queue is None:
-                        log.exception("message handler failed; message put back", extra={"queue": queue_name})
-                        channel.basic_nack(tag, requeue=True)
-                        time.sleep(1.0)
-                        continue
-                    log.exception("message handler failed; message set aside", extra={"queue": queue_name})
-                    self.publish(exchange="", routing_key=dead_letter_queue, body=delivery.body,
-                                 headers={**delivery.headers, DEAD_LETTER_REASON: f"handler raised {error!r}"[:MAX_REASON_CHARS]})
-                channel.basic_ack(tag)
-                busy()
+    def ack(self, deliveries: list[Delivery]) -> None:
+        """Settle the deliveries: the broker forgets them. Raises BrokerUnavailable."""
+        self._settle(deliveries, lambda channel, tag: channel.basic_ack(tag))
 
+    def nack(self, deliveries: list[Delivery]) -> None:
+        """Put the deliveries back in their queue (redelivered). Raises BrokerUnavailable."""
+        self._settle(deliveries, lambda channel, tag: channel.basic_nack(tag, requeue=True))
+
+    def _settle(self, deliveries: list[Delivery], settle: Callable) -> None:
+        try:
+            for delivery in deliveries:
+                channel, tag = delivery.receipt
+                if channel is self._consume_channel and channel.is_open:  # else it comes back by itself
+                    settle(channel, tag)
+        except CONNECTION_ERRORS as error:
+            self.close()
+            raise BrokerUnavailable(f"lost RabbitMQ while settling deliveries: {error!r}") from error
+
+    def consume(self, queue_name: str, handle: Callable[[Delivery], None], *, prefetch: int,
+                should_stop: Callable[[], bool], tick: Callable[[], None] = lambda: None,
+                tick_seconds: float = 0.2) -> None:
+        """A plain loop over `next_round` for the demo participants and the lab: each delivery to
+        `handle`, acked once it returns; `RetryLater` or any other exception puts it back after a
+        pause. `tick` between rounds. A lost connection is reopened with backoff."""
         backoff = Backoff()
         while not should_stop():
             try:
-                self._ensure()
-                connection = self._connection
-                consume_channel = connection.channel()
-                consume_channel.basic_qos(prefetch_count=prefetch)
-                round_: list[tuple[int, Delivery]] = []
-                consume_channel.basic_consume(
-                    # the channel of an earlier turn is closed: no callback of it runs after round_ is rebound
-                    queue_name, lambda ch, method, properties, body: round_.append(  # noqa: B023
-                        (method.delivery_tag, _delivery(method, properties, body))))
-                log.info("consuming", extra={"queue": queue_name, "prefetch": prefetch})
+                for delivery in self.next_round(queue_name, prefetch=prefetch, timeout=tick_seconds):
+                    if should_stop():
+                        self.nack([delivery])
+                        continue
+                    try:
+                        handle(delivery)
+                    except (BrokerUnavailable, *CONNECTION_ERRORS):
+                        raise
+                    except Exception as error:
+                        pause = error.pause if isinstance(error, RetryLater) else 1.0
+                        log.warning("message put back: %r", error, exc_info=not isinstance(error, RetryLater),
+                                    extra={"queue": queue_name})
+                        self.nack([delivery])
+                        time.sleep(pause)
+                        continue
+                    self.ack([delivery])
                 backoff.reset()
-                while not should_stop():
-                    if self._connection is not connection or not consume_channel.is_open:
-                        # a publish (in tick or handle) lost the connection and closed it, and may
-                        # have opened another one that has no consumer: consume again
-                        raise BrokerUnavailable("connection lost while publishing")
-                    connection.process_data_events(time_limit=tick_seconds)
-                    last_tick = time.monotonic()
-                    while round_ and not should_stop():  # more keep coming: a backlog
-                        deliveries, round_[:] = list(round_), []
-                        settle(consume_channel, deliveries)
-                        busy()
-                        connection.process_data_events(time_limit=0)
-                    tick()
-                consume_channel.close()
+                tick()
             except (BrokerUnavailable, *CONNECTION_ERRORS) as error:
                 self.close()
                 pause = backoff.next()
                 log.warning("RabbitMQ unavailable, retrying in %.1fs: %r", pause, error, extra={"queue": queue_name})
-                _sleep_unless(should_stop, pause)
+                sleep_unless(should_stop, pause)
 
     def declare_queue(self, queue_name: str, *, exchange: str, routing_key: str) -> None:
         """A durable queue bound to `exchange`, for a participant that brings its own queue
@@ -494,6 +491,7 @@ class Broker:
 
     def close(self) -> None:
         connection, self._connection, self._channel = self._connection, None, None
+        self._consume_channel, self._arrived = None, []
         if connection is not None and connection.is_open:
             try:
                 connection.close()
@@ -521,9 +519,8 @@ class Backoff:
         self.current = self.first
 
 
-def _sleep_unless(should_stop: Callable[[], bool], seconds: float) -> None:
-    # No tick while the broker is away: deadline checks would spend a command's attempts on
-    # resends that cannot leave, and turn a broker outage into given-up steps.
+def sleep_unless(should_stop: Callable[[], bool], seconds: float) -> None:
+    """Sleep `seconds`, or less if `should_stop()` turns true meanwhile."""
     end = time.monotonic() + seconds
     while not should_stop() and time.monotonic() < end:
         time.sleep(min(0.1, max(0.0, end - time.monotonic())))

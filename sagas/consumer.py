@@ -1,10 +1,22 @@
-"""The consumer's loop body: one reply in, one transition out; deadlines and the outbox relay
-between messages. The broker loop itself lives in sagas.broker.
+"""The consumer: the loop that drives the sagas from the participants' replies.
 
-Every delivery ends applied or dead-lettered with a reason. Only an outage (the database
-unreachable, the broker gone) puts a message back; anything else that goes wrong with one
-message stays with that message: it is tried at most MAX_HANDLER_TRIES times, counted in a header
-only we can write (signed), then set aside.
+`SagaConsumer.run` reads top to bottom (like healthchecks' `sendalerts`): take the next round of
+deliveries from the broker, judge each once, apply the good replies together
+(`services.apply_replies`), dead-letter the rest, ack or put back each, then tick (heartbeat,
+metrics, dead-letter filing, deadlines, outbox relay). The broker module only connects,
+declares, publishes and yields rounds; the saga policy is here:
+
+- Every delivery ends applied, ignored or dead-lettered with a reason. Only an outage puts a
+  reply back: the database unreachable (the round goes back, after a pause), or the broker gone
+  (the round's deliveries come back by themselves; the loop reconnects with backoff).
+- Anything else that goes wrong with one reply stays with that reply: it is published again to
+  the tail of the queue, at most MAX_HANDLER_TRIES times, counted in a header only we can write
+  (signed), then set aside.
+- During a backlog the tick runs at most every `tick_seconds`, without the deadline check: the
+  replies deadlines would give up on may be in the backlog, and resending for them would only
+  grow it (with short step timeouts, a storm of resends).
+- No tick while the broker is away: deadline checks would spend a command's attempts on resends
+  that cannot leave, and turn a broker outage into given-up steps.
 """
 import hashlib
 import logging
@@ -12,12 +24,23 @@ import time
 import uuid
 
 from django.conf import settings
-from django.db import DatabaseError, InterfaceError, OperationalError, close_old_connections, connection
+from django.db import DatabaseError, close_old_connections, connection
 from django.utils.crypto import constant_time_compare, salted_hmac
 
 from sagas import dead_letters, health, metrics, outbox, services
-from sagas.broker import DEAD_LETTER_QUEUE, DEAD_LETTER_REASON, MAX_REASON_CHARS, REPLIES_QUEUE, Broker, Delivery, RetryLater
+from sagas.broker import (
+    DEAD_LETTER_QUEUE,
+    DEAD_LETTER_REASON,
+    MAX_REASON_CHARS,
+    REPLIES_QUEUE,
+    Backoff,
+    BrokerUnavailable,
+    Delivery,
+    sleep_unless,
+)
 from sagas.replies import PoisonMessage, parse_reply, storable_text
+from sagas.runtime import Runtime
+from sagas.vocabulary import ReplyFate
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +48,13 @@ MAX_HANDLER_TRIES = 3
 TRIES_HEADER = "x-saga-handler-tries"
 TRIES_SIGNATURE_HEADER = "x-saga-handler-tries-signature"
 REASON_HEADER = DEAD_LETTER_REASON
+OUTAGE_PAUSE_SECONDS = 1.0
+RELAY_SECONDS = 1.0
+POSTPONE_SECONDS = 2.0
+
+
+class Outage(Exception):
+    """The database does not answer: the round is not the replies' fault."""
 
 
 def handler_tries(delivery: Delivery) -> int:
@@ -50,40 +80,69 @@ def _saga_id_of(value) -> str | None:
 
 
 class SagaConsumer:
-    def __init__(self, broker: Broker, *, prefetch: int = 50, deadline_check_seconds: float = 0.25,
+    def __init__(self, runtime: Runtime, *, queue: str = REPLIES_QUEUE, prefetch: int = 50,
+                 deadline_check_seconds: float = 0.25, tick_seconds: float = 0.2,
                  participant_users: dict[str, str] | None = None):
-        self.broker = broker
+        self.runtime = runtime
+        self.broker = runtime.broker
+        self.queue = queue
         self.prefetch = prefetch
         self.deadline_check_seconds = deadline_check_seconds
+        self.tick_seconds = tick_seconds
         # participant -> the RabbitMQ user whose replies it may send (None: anyone may answer)
         self.participant_users = settings.PARTICIPANT_USERS if participant_users is None else participant_users
         self.stopping = False
         self.dead_lettered = 0
-        self._next_deadline_check = 0.0
-        self._next_relay = 0.0
-        # the round's verdicts, so a reply handle_batch judged is not parsed again one by one
-        self._judged: dict[int, tuple[Delivery, services.IncomingReply | str]] = {}
+        self._next_tick = self._next_deadline_check = self._next_relay = 0.0
 
     def stop(self, *_signal) -> None:
-        log.info("stopping after the message in hand")
+        log.info("stopping after the round in hand")
         self.stopping = True
 
     def run(self) -> None:
-        outbox.use_publisher(self.broker)
-        self.broker.consume(REPLIES_QUEUE, self.handle_delivery, prefetch=self.prefetch,
-                            should_stop=lambda: self.stopping, tick=self.tick,
-                            busy_tick=lambda: self.tick(deadlines=False), handle_batch=self.handle_batch,
-                            dead_letter_queue=DEAD_LETTER_QUEUE)
-        outbox.flush_sent()
-        self.broker.close()
+        backoff = Backoff()
+        while not self.stopping:
+            try:
+                deliveries = self.broker.next_round(self.queue, prefetch=self.prefetch, timeout=self.tick_seconds)
+                backoff.reset()
+                settled, put_back = self.handle_round(deliveries)
+                self.broker.ack(settled)
+                self.broker.nack(put_back)
+                if put_back:
+                    self.pause(OUTAGE_PAUSE_SECONDS)
+                # a backlog: the round filled the prefetch window (its acks let the next one come),
+                # or more have arrived already
+                self.tick(backlog=len(deliveries) >= self.prefetch or self.broker.pending())
+            except BrokerUnavailable as error:
+                self.broker.close()
+                pause = backoff.next()
+                log.warning("RabbitMQ unavailable, retrying in %.1fs: %r", pause, error, extra={"queue": self.queue})
+                self.pause(pause)
+        self.runtime.stop()
         log.info("consumer stopped", extra={"dead_lettered": self.dead_lettered})
 
+    def pause(self, seconds: float) -> None:
+        sleep_unless(lambda: self.stopping, seconds)
+
+    def handle_round(self, deliveries: list[Delivery]) -> tuple[list[Delivery], list[Delivery]]:
+        """Judge each delivery once, dead-letter those refused, apply the rest together. Returns
+        the deliveries settled (to ack) and those to put back (an outage)."""
+        judged = [(delivery, self.judge(delivery)) for delivery in deliveries]
+        refused = [(delivery, reason) for delivery, reason in judged if isinstance(reason, str)]
+        replies = [(delivery, reply) for delivery, reply in judged if not isinstance(reply, str)]
+        for delivery, reason in refused:
+            self.dead_letter(delivery, reason, saga_id=_saga_id_of(delivery.correlation_id))
+        try:
+            outcomes = self.apply([reply for _, reply in replies])
+        except Outage as outage:
+            log.warning("replies put back: %s", outage, extra={"replies": len(replies)})
+            return [delivery for delivery, _ in refused], [delivery for delivery, _ in replies]
+        for (delivery, reply), outcome in zip(replies, outcomes):
+            self.settle(delivery, reply, outcome)
+        return deliveries, []
+
     def judge(self, delivery: Delivery) -> services.IncomingReply | str:
-        """The reply a delivery carries, if we accept it; else why not. The same rules for the
-        batched and the one-by-one path, and each delivery is judged once."""
-        kept = self._judged.pop(id(delivery), None)
-        if kept is not None and kept[0] is delivery:
-            return kept[1]
+        """The reply a delivery carries, if we accept it; else why not."""
         try:
             saga_id, reply = parse_reply(delivery.body)
         except PoisonMessage as poison:
@@ -106,58 +165,37 @@ class SagaConsumer:
                     f"(PARTICIPANT_USERS), this one's user_id is {delivery.user_id!r}")
         return None
 
-    def handle_delivery(self, delivery: Delivery) -> None:
-        judged = self.judge(delivery)
-        if isinstance(judged, str):
-            return self.dead_letter(delivery, judged, saga_id=_saga_id_of(delivery.correlation_id))
-        saga_id = judged.saga_id
+    def apply(self, replies: list[services.IncomingReply]) -> list[services.ReplyOutcome]:
+        """`services.apply_replies`, telling an outage (raises Outage) from a reply that breaks
+        the round: then each is applied alone, and the one that breaks gets its own error."""
+        if not replies:
+            return []
         try:
-            decision = services.handle_reply(saga_id=saga_id, reply=judged.reply, message_id=judged.message_id,
-                                             redelivered=judged.redelivered)
-            metrics.reply_outcome("applied" if decision.changed else "ignored", received_at=delivery.received_at)
-        except services.SagaNotFound:
-            self.dead_letter(delivery, f"unknown saga {saga_id}", saga_id=None)
-        except services.NotInFlow as refused:
-            self.dead_letter(delivery, str(refused), saga_id=saga_id)
-        except (OperationalError, InterfaceError) as error:
+            return services.apply_replies(replies, runtime=self.runtime)
+        except Exception as error:
             close_old_connections()
             if not _database_answers():
-                raise RetryLater(f"database unavailable: {error!r}") from error
-            self.retry_or_dead_letter(delivery, error, saga_id=saga_id)  # the database is fine: this message is not
-        except Exception as error:  # a bug or a lost race: try a few times without blocking the queue, then set aside
-            self.retry_or_dead_letter(delivery, error, saga_id=saga_id)
+                raise Outage(f"database unavailable: {error!r}") from error
+            if len(replies) == 1:
+                return [services.ReplyOutcome(None, error=error)]
+            log.warning("replies not applied together, one by one instead: %r", error, extra={"replies": len(replies)})
+            return [outcome for reply in replies for outcome in self.apply([reply])]
 
-    def handle_batch(self, deliveries: list[Delivery]) -> set[int]:
-        """Apply a round of replies together where that is plain sailing (see services.handle_replies);
-        the positions of those applied. The rest, and all of them if anything goes wrong here, go
-        through `handle_delivery` one by one."""
-        self._judged = {}
-        parsed = []
-        for position, delivery in enumerate(deliveries):
-            judged = self.judge(delivery)
-            self._judged[id(delivery)] = (delivery, judged)
-            if not isinstance(judged, str):
-                parsed.append((position, judged))
-        if len(parsed) < 2:
-            return set()
-        try:
-            applied = services.handle_replies([incoming for _, incoming in parsed])
-        except Exception as error:  # each reply will be judged alone, with its own error handling
-            close_old_connections()
-            log.warning("replies not applied together, one by one instead: %r", error, extra={"replies": len(parsed)})
-            return set()
-        done = {position for (position, _), ok in zip(parsed, applied) if ok}
-        for position in done:
-            self._judged.pop(id(deliveries[position]), None)
-            metrics.reply_outcome("applied", received_at=deliveries[position].received_at)
-        return done
+    def settle(self, delivery: Delivery, reply: services.IncomingReply, outcome: services.ReplyOutcome) -> None:
+        if outcome.error is not None:
+            self.retry_or_dead_letter(delivery, outcome.error, saga_id=reply.saga_id)
+        elif outcome.fate == ReplyFate.DEAD_LETTERED:
+            self.dead_letter(delivery, outcome.note, saga_id=reply.saga_id)
+        else:
+            metrics.reply_outcome(outcome.fate, received_at=delivery.received_at)
 
     def retry_or_dead_letter(self, delivery: Delivery, error: Exception, *, saga_id: str | None) -> None:
         tries = handler_tries(delivery) + 1
-        log.exception("reply handler failed", extra={"saga_id": saga_id, "message_id": delivery.message_id, "tries": tries})
+        log.error("reply handler failed", exc_info=error,
+                  extra={"saga_id": saga_id, "message_id": delivery.message_id, "tries": tries})
         if tries >= MAX_HANDLER_TRIES:
             return self.dead_letter(delivery, f"handler failed {tries} times: {error!r}", saga_id=saga_id)
-        self.broker.publish(exchange="", routing_key=REPLIES_QUEUE, body=delivery.body,
+        self.broker.publish(exchange="", routing_key=self.queue, body=delivery.body,
                             message_id=delivery.message_id, correlation_id=delivery.correlation_id,
                             headers={**delivery.headers, TRIES_HEADER: tries,
                                      TRIES_SIGNATURE_HEADER: _tries_signature(delivery.body, tries)})
@@ -169,7 +207,7 @@ class SagaConsumer:
                             message_id=delivery.message_id, correlation_id=delivery.correlation_id,
                             headers={**delivery.headers, REASON_HEADER: reason})
         self.dead_lettered += 1
-        metrics.reply_outcome("dead_lettered")
+        metrics.reply_outcome(ReplyFate.DEAD_LETTERED)
         log.warning("reply dead-lettered", extra={"reason": reason, "message_id": delivery.message_id,
                                                    "saga_id": saga_id, "dead_lettered": self.dead_lettered})
         try:
@@ -178,29 +216,37 @@ class SagaConsumer:
             close_old_connections()
             log.warning("dead letter not put on the timeline", extra={"saga_id": saga_id})
 
-    def tick(self, *, deadlines: bool = True) -> None:
-        """Deadlines and the outbox relay. During a backlog of replies (`deadlines=False`) only the
-        relay: the replies that deadlines would give up on may be waiting in the backlog, and
-        resending for them would only grow it (with short step timeouts, a storm of resends)."""
+    def tick(self, *, backlog: bool = False) -> None:
+        """Between rounds: heartbeat, metrics, dead-letter filing, deadlines, outbox relay. During
+        a `backlog`, at most every tick_seconds and without the deadlines (see the module's doc)."""
         now = time.monotonic()
+        if backlog and now < self._next_tick:
+            return
+        self._next_tick = now + self.tick_seconds
         health.loop_turned()
         metrics.sample()
         dead_letters.file_due(self.broker)
         try:
             close_old_connections()
-            if deadlines and now >= self._next_deadline_check:
+            if not backlog and now >= self._next_deadline_check:
                 self._next_deadline_check = now + self.deadline_check_seconds
-                services.handle_due_timeouts()
+                self.check_deadlines()
             if now >= self._next_relay:
-                self._next_relay = now + 1.0
-                outbox.relay_pending()
+                self._next_relay = now + RELAY_SECONDS
+                self.relay()
         except (DatabaseError, services.ConcurrentChange) as error:
             close_old_connections()
             log.warning("deadline check or relay postponed: %r", error)
-            self._next_deadline_check = self._next_relay = now + 2.0
+            self._next_deadline_check = self._next_relay = now + POSTPONE_SECONDS
         except Exception:
             log.exception("deadline check or relay failed; trying again shortly")
-            self._next_deadline_check = self._next_relay = now + 2.0
+            self._next_deadline_check = self._next_relay = now + POSTPONE_SECONDS
+
+    def check_deadlines(self) -> None:
+        services.handle_due_timeouts(runtime=self.runtime)
+
+    def relay(self) -> None:
+        outbox.relay_pending(broker=self.broker)
 
 
 def _header_text(reason: str) -> str:

@@ -29,6 +29,7 @@ from prometheus_client import (
 )
 
 from sagas import engine
+from sagas.vocabulary import ReplyFate
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ REPLY_TO_COMMIT = Histogram("saga_reply_to_commit_seconds", "From a reply's arri
 POST_TO_TERMINAL = Histogram("saga_post_to_terminal_seconds", "From POST /orders/create_order to the terminal status.",
                              buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900, 3600))
 
-REPLY_OUTCOMES = ("applied", "ignored", "dead_lettered")
+REPLY_OUTCOMES = tuple(ReplyFate)
 CAUSES = ("started", "reply", "timeout", "staff")
 PROCESSES = ("web", "consumer")
 # every labelled series exists from the start at 0, so rate() and increase() see the first event

@@ -1,8 +1,9 @@
 """The transactional outbox: messages are written with the transition that decided them and
 published afterwards with publisher confirms.
 
-Who publishes a row: its writer first (the consumer on its own connection; a web request hands its
-rows to the process's `BackgroundPublisher` and answers at once), then, once the row is
+Who publishes a row: its writer first, through the publisher of its runtime (sagas.runtime: the
+consumer's `DirectPublisher` on its own connection; a web request hands its rows to the process's
+`BackgroundPublisher` and answers at once), then, once the row is
 `RELAY_AFTER_SECONDS` old and still unsent (process killed, broker away or slow, row refused), the
 relay that every consumer runs between messages. A writer starts no publish past its window, so a
 row is never in the hands of its writer and a relay at once; relays skip the rows another relay
@@ -11,7 +12,6 @@ rows behind it go out; no row is ever dropped."""
 import logging
 import queue
 import threading
-import time
 from datetime import datetime, timedelta
 
 from django.db import connections, transaction
@@ -41,28 +41,21 @@ RETRY_MAX_SECONDS = 60.0
 # the relay may take it; half a second of room for the clocks of two processes
 _WRITER_WINDOW = timedelta(seconds=RELAY_AFTER_SECONDS - PUBLISH_DEADLINE_SECONDS - 0.5)
 
-_thread = threading.local()
-
-
-def use_publisher(broker: Broker | None) -> None:
-    """Publish from this thread through its own broker connection (the consumer's), synchronously
-    (None: hand this thread's rows to the background publisher again)."""
-    _thread.broker = broker
-
-
 def retry_delay(attempts: int) -> float:
     """Seconds before the next try of a row whose publish has failed `attempts` (>= 1) times."""
     return min(RETRY_FIRST_SECONDS * 2.0 ** min(attempts - 1, 64), RETRY_MAX_SECONDS)
 
 
-class _SentMarker:
+class SentMarker:
     """Marks published rows sent from a background thread, a batch every 0.1 s, so neither a
     request nor a reply waits for that commit. A row published but not yet marked when the
-    process dies is sent again by the relay, which participants answer as the same request."""
+    process dies is sent again by the relay, which participants answer as the same request.
+    Its thread starts with the first rows, so after any fork; `stop` marks what is left."""
 
     def __init__(self):
         self._ids: list[int] = []
         self._lock = threading.Lock()
+        self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
 
     def add(self, ids: list[int]) -> None:
@@ -70,14 +63,22 @@ class _SentMarker:
             return
         with self._lock:
             self._ids.extend(ids)
-            if self._thread is None:
+            if self._thread is None and not self._stopping.is_set():
                 self._thread = threading.Thread(target=self._run, name="outbox-sent-marker", daemon=True)
                 self._thread.start()
 
+    def stop(self, *, timeout: float = 5.0) -> None:
+        self._stopping.set()
+        if self._thread is not None:
+            self._thread.join(timeout=timeout)
+        self.flush()
+
     def _run(self) -> None:
-        while True:
-            time.sleep(0.1)
-            self.flush()
+        try:
+            while not self._stopping.wait(0.1):
+                self.flush()
+                connections.close_all()
+        finally:
             connections.close_all()
 
     def flush(self) -> None:
@@ -91,8 +92,19 @@ class _SentMarker:
                 self._ids[:0] = ids
 
 
-_marker = _SentMarker()
-flush_sent = _marker.flush
+class DirectPublisher:
+    """The consumer's publisher: the rows go out at once on its own connection, on its thread."""
+
+    def __init__(self, broker: Broker, *, marker: SentMarker):
+        self._broker = broker
+        self._marker = marker
+
+    def publish(self, rows: list[OutboxMessage]) -> None:
+        sent, _ = _send(rows, self._broker, writer=True)
+        self._marker.add(sent)
+
+    def stop(self) -> None:
+        pass  # it has no thread; its broker is the consumer's, closed with the runtime
 
 
 class BackgroundPublisher:
@@ -101,15 +113,18 @@ class BackgroundPublisher:
     full), could not publish, or reaches past the writer's window is left to the relay. While idle
     it lets the connection exchange heartbeats, so a dead peer is noticed before the next order."""
 
-    def __init__(self, *, broker: Broker | None = None, capacity: int = 10_000, idle_tick: float = 1.0):
+    def __init__(self, *, broker: Broker | None = None, marker: SentMarker | None = None, capacity: int = 10_000,
+                 idle_tick: float = 1.0):
         self._broker = broker or Broker()
+        self._marker = marker or SentMarker()
         self._queue: queue.Queue[list[OutboxMessage]] = queue.Queue(maxsize=capacity)
         self._idle_tick = idle_tick
         self._stopping = threading.Event()
         self._start_lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
-    def submit(self, rows: list[OutboxMessage]) -> None:
+    def publish(self, rows: list[OutboxMessage]) -> None:
+        """Hand over rows committed by this process; the caller does not wait on the broker."""
         self._start()
         try:
             self._queue.put_nowait(rows)
@@ -145,7 +160,7 @@ class BackgroundPublisher:
                     break
             try:
                 sent, _ = _send([row for rows in batches for row in rows], self._broker, writer=True)
-                _marker.add(sent)
+                self._marker.add(sent)
             except Exception:  # the thread must not die; the relay has the rows
                 log.exception("background publish failed; rows left to the outbox relay")
             finally:
@@ -154,44 +169,12 @@ class BackgroundPublisher:
         self._broker.close()
 
 
-_process_publisher: BackgroundPublisher | None = None
-_process_publisher_lock = threading.Lock()
-
-
-def install_publisher(publisher: BackgroundPublisher | None) -> BackgroundPublisher | None:
-    """Make `publisher` the process's background publisher (None: a default one, built on first
-    use); returns the one it replaces, which the caller stops if it is done with it."""
-    global _process_publisher
-    with _process_publisher_lock:
-        previous, _process_publisher = _process_publisher, publisher
-    return previous
-
-
-def _background() -> BackgroundPublisher:
-    global _process_publisher
-    with _process_publisher_lock:
-        if _process_publisher is None:
-            _process_publisher = BackgroundPublisher()
-        return _process_publisher
-
-
 def outbox_row(saga_id: str, message: Command | Event) -> OutboxMessage:
     if isinstance(message, Command):
         return OutboxMessage(
             saga_id=saga_id, exchange=COMMANDS_EXCHANGE, routing_key=message.command, body=message.body()
         )
     return OutboxMessage(saga_id=saga_id, exchange=EVENTS_EXCHANGE, routing_key=message.routing_key, body=message.body)
-
-
-def publish(rows: list[OutboxMessage]) -> None:
-    """After the commit: publish the rows now on this thread's broker (the consumer), or hand them
-    to the process's background publisher (web requests). Rows not sent stay for the relay."""
-    broker = getattr(_thread, "broker", None)
-    if broker is None:
-        _background().submit(rows)
-        return
-    sent, _ = _send(rows, broker, writer=True)
-    _marker.add(sent)
 
 
 def _send(rows: list[OutboxMessage], broker: Broker, *, writer: bool = False) -> tuple[list[int], list[OutboxMessage]]:
@@ -248,13 +231,9 @@ def _back_off(rows: list[OutboxMessage], *, now: datetime) -> None:
     OutboxMessage.objects.bulk_update(rows, ["attempts", "next_attempt_at"])
 
 
-def relay_pending(*, broker: Broker | None = None, older_than: float = RELAY_AFTER_SECONDS,
-                  limit: int = 200) -> int:
+def relay_pending(*, broker: Broker, older_than: float = RELAY_AFTER_SECONDS, limit: int = 200) -> int:
     """Send the rows their writer did not send, oldest first, leaving out those waiting out a retry
     delay and those another relay has locked. Returns how many were sent."""
-    broker = broker or getattr(_thread, "broker", None)
-    if broker is None:
-        raise RuntimeError("relay_pending needs a broker: pass broker= or call use_publisher first")
     now = timezone.now()
     with transaction.atomic():
         rows = list(

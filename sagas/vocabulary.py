@@ -39,6 +39,14 @@ class ReplyStatus(StrEnum):
     FAILURE = "failure"
 
 
+class ReplyFate(StrEnum):
+    """What became of a reply off the bus (services.apply_replies; the metric saga_replies_total)."""
+
+    APPLIED = "applied"
+    IGNORED = "ignored"
+    DEAD_LETTERED = "dead_lettered"
+
+
 class TimelineKind(StrEnum):
     STARTED = "started"
     COMMAND = "command"

@@ -14,11 +14,12 @@ from demo.auth_server import serve_auth
 from demo.catalogue import CUSTOMER_TOKEN, OTHER_CUSTOMER_TOKEN, STAFF_TOKEN  # noqa: F401 - the tests import them from here
 from demo.participants import start_participants
 from lab.faults import infra
-from sagas import outbox
+from sagas import runtime
 from sagas.broker import DEAD_LETTER_QUEUE, PARTICIPANT_QUEUES, REPLIES_QUEUE, Broker
 from sagas.consumer import SagaConsumer
 from sagas.engine import TERMINAL
 from sagas.models import Saga
+from sagas.runtime import Runtime
 from tests.tcp_proxy import StallingProxy
 
 ORDER = {"items": [{"product_id": "sku-1", "quantity": 2}], "currency": "EUR", "payment_method": "pm-123"}
@@ -110,14 +111,25 @@ def participants(tmp_path, fresh_queues):
     assert not [t.name for t in threads if t.is_alive()], "participants did not stop within 10 s"
 
 
+def start_consumer(name: str = "saga-consumer", **options):
+    """A consumer with a runtime of its own (as run_saga_consumer builds it), running in a thread;
+    returns it and a function that stops it."""
+    saga_consumer = SagaConsumer(Runtime.for_consumer(Broker()), **options)
+    thread = in_thread(saga_consumer.run, name)
+
+    def stop():
+        saga_consumer.stop()
+        thread.join(timeout=10)
+        assert not thread.is_alive(), f"{name} did not stop within 10 s"
+
+    return saga_consumer, stop
+
+
 @pytest.fixture
 def consumer(fast_deadlines, fresh_redis, fresh_queues):
-    saga_consumer = SagaConsumer(Broker(), deadline_check_seconds=0.1)
-    thread = in_thread(saga_consumer.run, "saga-consumer")
+    saga_consumer, stop = start_consumer(deadline_check_seconds=0.1)
     yield saga_consumer
-    saga_consumer.stop()
-    thread.join(timeout=10)
-    assert not thread.is_alive(), "the consumer did not stop within 10 s"
+    stop()
 
 
 @pytest.fixture
@@ -167,14 +179,20 @@ def private_queue():
 
 
 @pytest.fixture
-def outbox_publisher():
-    """The web requests' background publisher, a fresh one of the test's own (it connects with the
-    settings of the moment), stopped afterwards."""
-    publisher = outbox.BackgroundPublisher()
-    previous = outbox.install_publisher(publisher)
-    yield publisher
-    outbox.install_publisher(previous)
-    publisher.stop()
+def web_runtime():
+    """The web process's runtime, a fresh one of the test's own (its publisher connects with the
+    settings of the moment), installed for the test and stopped afterwards."""
+    web = Runtime.for_web()
+    previous = runtime.install(web)
+    yield web
+    runtime.install(previous)
+    web.stop()
+
+
+@pytest.fixture
+def outbox_publisher(web_runtime):
+    """The web requests' background publisher, of the test's own runtime."""
+    return web_runtime.publisher
 
 
 @pytest.fixture

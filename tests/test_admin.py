@@ -21,7 +21,7 @@ from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 from django.utils import timezone
 
-from sagas import live, services
+from sagas import runtime, services
 from sagas.engine import Reply
 from sagas.models import OutboxMessage, Saga, TimelineEntry
 from tests.conftest import ORDER, finished
@@ -69,7 +69,7 @@ def start_saga(user_id="alice", payment_method="pm-123"):
 
 def reply(saga_id, command, status="success", reason=None, **data):
     attempt = services.load_saga_state(saga_id).awaiting.attempt
-    services.handle_reply(saga_id=saga_id, reply=Reply(command, attempt, status, reason, data))
+    services.apply_replies([services.IncomingReply(saga_id, Reply(command, attempt, status, reason, data))])
 
 
 def completed_saga(user_id="alice", order_id=None):
@@ -255,8 +255,8 @@ def test_saga_page_of_a_failed_saga_shows_where_undoing_gave_up(viewer, failed_s
 def test_saga_page_highlights_the_current_step_and_marks_ignored_replies(viewer):
     saga_id = start_saga()
     reply(saga_id, "stock.reduce", total="19.98")
-    services.handle_reply(saga_id=saga_id, reply=Reply("stock.reduce", 1, "success", None, {"total": "19.98"}),
-                          redelivered=True)
+    services.apply_replies([services.IncomingReply(saga_id, Reply("stock.reduce", 1, "success", None, {"total": "19.98"}),
+                                                   redelivered=True)])
     response = viewer.get(saga_page(saga_id))
     (current,) = [s for s in response.context["diagram"] if s.current]
     assert current.definition.name == "take_payment"
@@ -386,7 +386,7 @@ def events_of(saga_id):
 
 def test_a_late_undo_success_heals_a_failed_saga(settings):
     saga_id = gave_up_unanswered(settings)
-    services.handle_reply(saga_id=saga_id, reply=Reply("stock.restore", 1, "success"))
+    services.apply_replies([services.IncomingReply(saga_id, Reply("stock.restore", 1, "success"))])
     saga = Saga.objects.get(pk=saga_id)
     assert (saga.status, saga.failure_reason) == ("compensated", "payment_declined")
     assert events_of(saga_id) == ["saga.failed", "saga.compensated"]
@@ -402,7 +402,7 @@ def test_marking_a_step_with_an_undo_outstanding_shows_it_then_flags_a_second_un
     support.post(action_url(saga_id, "mark-compensated"), {"reason": "restocked by hand", "step_name": "reduce_stock"})
     assert Saga.objects.get(pk=saga_id).status == "compensated"
 
-    services.handle_reply(saga_id=saga_id, reply=Reply("stock.restore", 1, "success"))
+    services.apply_replies([services.IncomingReply(saga_id, Reply("stock.restore", 1, "success"))])
     assert events_of(saga_id) == ["saga.failed", "saga.compensated", "saga.undone_twice"]
     flagged = OutboxMessage.objects.get(saga_id=saga_id, routing_key="saga.undone_twice").body
     assert (flagged["step"], flagged["command"], flagged["status"]) == ("reduce_stock", "stock.restore", "compensated")
@@ -489,7 +489,7 @@ def test_staff_receive_progress_of_a_saga_on_its_socket(make_staff, fresh_redis)
         communicator = socket(f"/ws/sagas/{saga_id}/", headers)
         connected, _ = await communicator.connect()
         assert connected
-        live.saga_changed(state)
+        runtime.current().live.saga_changed(state)
         message = await communicator.receive_json_from(timeout=5)
         await communicator.disconnect()
         return message

@@ -3,7 +3,7 @@
 No fault is injected here (nothing is restarted). Sagas run through the real service functions
 on the test database and Redis, their commands go through the real broker (the tests' vhost) to
 the demo participants' `handle_command` on a real ledger file, and their replies come back
-through `handle_reply`: the same rows and ledger a fault run leaves behind. A violation is then
+through `apply_replies`: the same rows and ledger a fault run leaves behind. A violation is then
 planted where a bug would leave it (a ledger row, a timeline row, a lost reply, a refusing
 participant) and `check` must say so in the row that names it.
 """
@@ -30,7 +30,7 @@ from lab.faults.schedule import (
     RESTART_RABBITMQ,
     plan_faults,
 )
-from sagas import outbox, services
+from sagas import runtime, services
 from sagas.broker import EVENTS_EXCHANGE, PARTICIPANT_QUEUES
 from sagas.engine import TERMINAL, Reply
 from sagas.models import Saga, TimelineEntry
@@ -67,7 +67,7 @@ class Run:
             while time.monotonic() < end:
                 delivered = self._deliver(ledger, lose_reply)
                 if Saga.objects.exclude(status__in=TERMINAL).count() == 0:
-                    outbox.flush_sent()
+                    runtime.current().sent_marker.flush()
                     return
                 if not delivered:
                     time.sleep(0.02)
@@ -86,8 +86,8 @@ class Run:
                 if reply is None or lose_reply(body):
                     continue
                 for _ in range(reply_plan(body).copies):
-                    services.handle_reply(saga_id=reply["saga_id"], reply=Reply(
-                        reply["command"], reply["attempt"], reply["status"], reply["reason"], reply["data"]))
+                    services.apply_replies([services.IncomingReply(reply["saga_id"], Reply(
+                        reply["command"], reply["attempt"], reply["status"], reply["reason"], reply["data"]))])
         return delivered
 
     def check(self, *faults: FaultWindow):

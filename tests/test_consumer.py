@@ -8,16 +8,18 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 import requests
 
 from lab.stack import ROOT, Stack, free_port
-from sagas import flows, services
+from sagas import engine, flows
 from sagas.broker import DEAD_LETTER_QUEUE, HEADERS_DROPPED, Broker
 from sagas.consumer import MAX_HANDLER_TRIES, TRIES_HEADER, TRIES_SIGNATURE_HEADER, SagaConsumer
 from sagas.flows import Flow
 from sagas.models import OutboxMessage, Saga, TimelineEntry
+from sagas.runtime import Runtime
 from tests import hostile_bus
 from tests.conftest import ORDER, database_url, finished, in_thread, wait_for
 from tests.test_engine import SHIPPING
@@ -27,7 +29,7 @@ pytestmark = [pytest.mark.integration]
 
 def test_competing_consumers_apply_each_transition_once(saga_stack, settings):
     settings.SAGA_STEP_TIMEOUT_SECONDS = 1.0  # sku-silent-once makes deadlines pass: all consumers look at once
-    extra = [SagaConsumer(Broker(), deadline_check_seconds=0.05) for _ in range(2)]
+    extra = [SagaConsumer(Runtime.for_consumer(Broker()), deadline_check_seconds=0.05) for _ in range(2)]
     threads = [in_thread(consumer.run, f"extra-consumer-{i}") for i, consumer in enumerate(extra)]
     products = ["sku-1", "sku-silent-once", "sku-sold-out", "sku-dup", "sku-2"]
     saga_ids = []
@@ -146,50 +148,54 @@ def test_a_header_pika_cannot_decode_does_not_cut_the_connection_forever(replies
     assert Broker().drain(DEAD_LETTER_QUEUE) == []
 
 
+@pytest.fixture
+def engine_bug_for(monkeypatch):
+    """Make the engine raise while deciding a reply of the given sagas (a bug that only these
+    replies meet); returns the saga ids it raised for, one per call."""
+    raised, doomed, real = [], set(), engine.on_reply
+
+    def on_reply(flow, state, reply, **kwargs):
+        if state.saga_id in doomed:
+            raised.append(state.saga_id)
+            raise KeyError("a bug that only this reply meets")
+        return real(flow, state, reply, **kwargs)
+
+    monkeypatch.setattr(engine, "on_reply", on_reply)
+
+    def doom(*saga_ids):
+        doomed.update(saga_ids)
+        return raised
+
+    return doom
+
+
 @pytest.mark.parametrize("tries", ["junk", 2, "2", "2.forged-signature", "²", -1, -(2**62), 2**62,
                                    hostile_bus.Raw(struct.pack(">cd", b"d", 2.5)), None, [1], {"n": 1}, b"\xff", True])
-def test_a_forged_tries_header_neither_loops_nor_skips_the_handler(replies_consumer, monkeypatch, tries):
+def test_a_forged_tries_header_neither_loops_nor_skips_the_handler(replies_consumer, engine_bug_for, tries):
     saga_id, = hostile_bus.awaiting_sagas(1)
-    calls = []
-    real = services.handle_reply
-
-    def failing(**kwargs):
-        calls.append(kwargs["saga_id"])
-        raise RuntimeError("a bug in the handler")
-
-    monkeypatch.setattr(services, "handle_reply", failing)
+    calls = engine_bug_for(saga_id)
     forged = {TRIES_HEADER: tries, TRIES_SIGNATURE_HEADER: "forged"}
     hostile_bus.publish_round([hostile_bus.Outgoing(hostile_bus.good_reply(saga_id), headers=forged)])
     broker = Broker()
     (dead,) = dead_letters(broker, 1)
     assert f"handler failed {MAX_HANDLER_TRIES} times" in dead.headers["x-dead-letter-reason"]
     assert calls == [saga_id] * MAX_HANDLER_TRIES  # each counted try, no more, no fewer
-    monkeypatch.setattr(services, "handle_reply", real)
     broker.close()
 
 
-def test_a_handler_bug_for_one_reply_leaves_the_rest_of_its_round_applied(replies_consumer, monkeypatch):
+def test_a_handler_bug_for_one_reply_leaves_the_rest_of_its_round_applied(replies_consumer, engine_bug_for):
     saga_ids = hostile_bus.awaiting_sagas(4)
     doomed = saga_ids[1]
-    real_one = services.handle_reply
-
-    def handle_reply(**kwargs):
-        if kwargs["saga_id"] == doomed:
-            raise KeyError("a bug that only this reply meets")
-        return real_one(**kwargs)
-
-    def handle_replies(replies):
-        raise TypeError("the batched path has a bug too")
-
-    monkeypatch.setattr(services, "handle_reply", handle_reply)
-    monkeypatch.setattr(services, "handle_replies", handle_replies)
+    calls = engine_bug_for(doomed)
     hostile_bus.publish_round([hostile_bus.Outgoing(hostile_bus.good_reply(s)) for s in saga_ids])
     broker = Broker()
     (dead,) = dead_letters(broker, 1)
     assert dead.body == hostile_bus.good_reply(doomed)
     assert "KeyError" in dead.headers["x-dead-letter-reason"]
+    assert calls == [doomed] * MAX_HANDLER_TRIES
     wait_for(lambda: applied_replies(saga_ids) == 3, what="the other three applied")
     assert TimelineEntry.objects.filter(saga_id=doomed, kind="dead_letter").exists()
+    assert Saga.objects.get(pk=doomed).version == 1  # nothing of it was written
     broker.close()
 
 
@@ -221,3 +227,47 @@ def test_a_reply_for_a_command_not_in_the_sagas_flow_is_dead_lettered_with_why(r
         f"shipping.dispatch is not a command of flow order v1, which saga {saga_id} runs on")
     assert TimelineEntry.objects.filter(saga_id=saga_id, kind="dead_letter").exists()
     assert Saga.objects.get(pk=saga_id).version == 1  # nothing else changed
+
+
+class BusyConsumer(SagaConsumer):
+    """The real loop over a queue of the test's own, with replies that take a few milliseconds
+    each to apply; records when its deadline checks and relays ran."""
+
+    def __init__(self, *args, expected: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.expected, self.handled, self.deadline_checks, self.relays = expected, 0, [], []
+
+    def handle_round(self, deliveries):
+        time.sleep(0.003 * len(deliveries))
+        self.handled += len(deliveries)
+        self.stopping = self.handled >= self.expected
+        return deliveries, []
+
+    def check_deadlines(self):
+        self.deadline_checks.append(self.handled)
+
+    def relay(self):
+        self.relays.append(time.monotonic())
+
+
+def test_a_backlog_does_not_starve_the_outbox_relay_and_holds_back_the_deadlines(transactional_db, private_queue):
+    """Found by the fault run: with a backlog of replies the consumer's tick did not run until the
+    queue was empty, and the outbox relay with it: unsent rows (commands the web process could not
+    publish) waited tens of seconds. The relay now runs during a backlog; the deadline check still
+    waits for the backlog (running it then caused a storm of resends)."""
+    backlog = 600
+    publisher = Broker()
+    for _ in range(backlog):
+        publisher.publish(exchange="", routing_key=private_queue, body=b"{}")
+    publisher.close()
+    consumer = BusyConsumer(Runtime.for_consumer(Broker()), queue=private_queue, expected=backlog)
+    started = time.monotonic()
+
+    thread = in_thread(consumer.run, "busy-consumer")
+    thread.join(timeout=60)
+    assert not thread.is_alive(), "the consumer did not drain the backlog within 60 s"
+
+    assert consumer.handled == backlog
+    gaps = [later - earlier for earlier, later in zip([started, *consumer.relays], consumer.relays)]
+    assert time.monotonic() - started > 1.5 and gaps and max(gaps) < 1.5, f"{len(consumer.relays)} relays"
+    assert set(consumer.deadline_checks) <= {backlog}  # held back while the backlog lasted

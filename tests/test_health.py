@@ -8,6 +8,7 @@ from django.core.management import call_command
 from sagas import health
 from sagas.broker import Broker
 from sagas.consumer import SagaConsumer
+from sagas.runtime import Runtime
 from tests.conftest import in_thread, wait_for
 
 
@@ -96,7 +97,7 @@ def test_the_probe_command_exits_0_or_1_with_one_line(tmp_path, capsys, settings
 def test_the_running_consumer_beats_and_the_probe_fails_once_it_stops(tmp_path, fast_deadlines, fresh_redis, fresh_queues):
     path = str(beat_file(tmp_path))
     health.install_heartbeat(health.Heartbeat(name="c-test", path=path))
-    consumer = SagaConsumer(Broker(), deadline_check_seconds=0.1)
+    consumer = SagaConsumer(Runtime.for_consumer(Broker()), deadline_check_seconds=0.1)
     thread = in_thread(consumer.run, "saga-consumer")
     try:
         wait_for(lambda: health.judge_heartbeat(name="c-test", source="file", path=path, max_age=1).healthy,

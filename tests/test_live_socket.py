@@ -5,7 +5,7 @@ from channels.testing import WebsocketCommunicator
 from django.contrib.auth.models import Permission
 from django.test import Client
 
-from sagas import live, live_socket, services
+from sagas import live_socket, runtime, services
 from tests.conftest import ORDER
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -95,11 +95,11 @@ def test_a_session_that_ended_otherwise_closes_the_socket_at_the_next_notice(mak
         communicator = socket(browser)
         connected, _ = await communicator.connect(timeout=5)
         assert connected
-        live.saga_changed(state)
+        runtime.current().live.saga_changed(state)
         first = await communicator.receive_json_from(timeout=5)
         # the session expires or is deleted without a logout: no signal tells the socket
         await sync_to_async(browser.session.delete)()
-        live.saga_changed(state)
+        runtime.current().live.saga_changed(state)
         closed = await communicator.receive_output(timeout=5)
         await communicator.wait()
         return first, closed
@@ -119,7 +119,7 @@ def test_a_revoked_permission_closes_the_socket_at_the_next_notice(make_staff, f
         communicator = socket(browser)
         assert (await communicator.connect(timeout=5))[0]
         await sync_to_async(user.user_permissions.clear)()
-        live.saga_changed(state)
+        runtime.current().live.saga_changed(state)
         closed = await communicator.receive_output(timeout=5)
         await communicator.wait()
         return closed
@@ -137,7 +137,7 @@ def test_notices_keep_flowing_while_the_session_is_valid(make_staff, fresh_redis
         assert (await communicator.connect(timeout=5))[0]
         received = []
         for _ in range(3):
-            live.saga_changed(state)
+            runtime.current().live.saga_changed(state)
             received.append(await communicator.receive_json_from(timeout=5))
         await communicator.disconnect()
         return received

@@ -101,12 +101,11 @@ def test_a_writer_publishes_past_a_refused_row_and_leaves_rows_past_its_window_t
     poison, fresh, stale = command_row(saga, UNBOUND_KEY), command_row(saga), command_row(saga)
     OutboxMessage.objects.filter(pk=stale.pk).update(created_at=timezone.now() - timedelta(seconds=outbox.RELAY_AFTER_SECONDS))
     stale.refresh_from_db()
-    outbox.use_publisher(broker)
-    try:
-        outbox.publish([poison, fresh, stale])
-    finally:
-        outbox.use_publisher(None)
+    marker = outbox.SentMarker()
+    outbox.DirectPublisher(broker, marker=marker).publish([poison, fresh, stale])
+    marker.stop()
     assert message_ids(broker.drain("stock.commands")) == [str(fresh.message_id)]
+    assert list(OutboxMessage.objects.filter(sent_at__isnull=False).values_list("pk", flat=True)) == [fresh.pk]
 
 
 def test_a_deleted_participant_queue_is_declared_again_and_the_row_goes_out(saga, broker, fresh_queues):
@@ -154,7 +153,7 @@ def test_an_idle_publisher_notices_a_dead_peer_by_its_heartbeats(stalling_proxy)
     broker = Broker(heartbeat=1)
     publisher = outbox.BackgroundPublisher(broker=broker, idle_tick=0.2)
     broker.connect()
-    publisher.submit([])  # starts its thread
+    publisher.publish([])  # starts its thread
     stalling_proxy.stall()
     try:
         wait_for(lambda: not broker.connected, timeout=20, what="the heartbeat checker to drop the silent connection")

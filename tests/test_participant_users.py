@@ -11,6 +11,7 @@ from orchestration_site.settings import _participant_users
 from sagas.broker import DEAD_LETTER_QUEUE, Broker
 from sagas.consumer import SagaConsumer
 from sagas.models import TimelineEntry
+from sagas.runtime import Runtime
 from tests import hostile_bus
 from tests.conftest import in_thread, wait_for
 
@@ -38,7 +39,7 @@ def participant_users():
 @pytest.fixture
 def guarded_consumer(transactional_db, fast_deadlines, fresh_redis, fresh_queues, participant_users, settings):
     settings.SAGA_STEP_TIMEOUT_SECONDS = 60
-    consumer = SagaConsumer(Broker(), participant_users=participant_users)
+    consumer = SagaConsumer(Runtime.for_consumer(Broker()), participant_users=participant_users)
     thread = in_thread(consumer.run, "guarded-consumer")
     yield consumer
     consumer.stop()

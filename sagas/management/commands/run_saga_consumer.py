@@ -5,6 +5,7 @@ from django.core.management.base import BaseCommand
 from sagas import health
 from sagas.broker import Broker
 from sagas.consumer import SagaConsumer
+from sagas.runtime import Runtime
 
 
 class Command(BaseCommand):
@@ -16,7 +17,8 @@ class Command(BaseCommand):
 
     def handle(self, *args, prefetch: int, metrics_port: int | None, **options):
         health.consumer_started(metrics_port=metrics_port)
-        consumer = SagaConsumer(Broker(), prefetch=prefetch)
+        # this process's connection, publisher and threads: built here, passed to what it calls
+        consumer = SagaConsumer(Runtime.for_consumer(Broker()), prefetch=prefetch)
         signal.signal(signal.SIGTERM, consumer.stop)
         signal.signal(signal.SIGINT, consumer.stop)
         consumer.run()
