@@ -101,8 +101,9 @@ class PeerProcess:
 
     def __init__(self, argv: list[str], *, cwd: Path, env: dict, log_path: Path):
         self._log = open(log_path, "ab")
+        # unbuffered: a buffered readline could take the next line in too, and select() would then wait for nothing
         self.process = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                        stderr=self._log, start_new_session=True)
+                                        stderr=self._log, start_new_session=True, bufsize=0)
         self._selector = selectors.DefaultSelector()
         self._selector.register(self.process.stdout, selectors.EVENT_READ)
 
