@@ -15,9 +15,19 @@ it empties first. Then:
    against the same participants with the same messaging and no state, C in flight and 1 in flight.
 4. memory: peak RSS (VmHWM) of the web and consumer processes, consumer RSS after 1,000 sagas
    and, with --rss-growth (20,000 sagas), after 20,000.
+5. the peers (lab/peers/, --peers): the same saga on celery-saga over Celery and on DBOS Transact,
+   each in a sandbox of its own, after the service's stack is stopped: a warm-up, one saga that
+   must end compensated, N sagas at C in flight and --single at one in flight.
 
-Prints one table with PASS/MISS per target and writes the raw numbers to var/bench/result.json.
-Everything measured runs on this machine, the benchmark's own clients included.
+The CPU of every process taking part (lab/peers/cpu.py: the service's processes, PostgreSQL,
+Redis, RabbitMQ, the load generator; each peer's) is read from /proc around each throughput pass.
+With --profile, py-spy samples the web and consumer processes during the throughput pass and
+the 25 hottest functions of each go to var/bench/profile-*.top.txt (the samples cost CPU too:
+the figures of a profiled run are not the ones to quote).
+
+Prints one table with PASS/MISS per target and one comparing the service with its peers and the
+raw chain, and writes the raw numbers to var/bench/result.json. Everything measured runs on this
+machine, the benchmark's own clients included.
 """
 from __future__ import annotations
 
@@ -35,13 +45,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lab.order_client import OrderClient, Submission
+from lab.peers import runner
+from lab.peers.cpu import CpuWatch, Group, per_saga_ms, server_groups
+from lab.peers.profiling import Profile, summarize
+from lab.peers.report import Column, comparison_table, render
 from lab.sandbox import DEFAULT_VHOST, Sandbox, SandboxError
 from lab.stack import PYTHON, ROOT, Stack
 
 ORDER = {"items": [{"product_id": "sku-1", "quantity": 1}], "currency": "EUR", "payment_method": "pm-123"}
 RSS_MILESTONES = (1_000, 20_000)
-TARGET_THROUGHPUT_RATIO = 0.5
-TARGET_LATENCY_RATIO = 3.0
+# issue 11's targets
+TARGET_THROUGHPUT_RATIO = 0.30
+TARGET_LATENCY_RATIO = 3.5  # and below celery-saga's p50 at one in flight, in the same run
+TARGET_SERVICE_CPU_MS = 6.0  # web + consumers, per saga, at C in flight
 TARGET_RSS_GROWTH = 10.0  # percent
 RAW_WARMUP = 50  # raw_chain.py's default warm-up chains
 
@@ -58,13 +74,6 @@ def memory_kib(pid: int) -> dict[str, int]:
             if key in ("VmRSS", "VmHWM"):
                 found[key] = int(value.split()[0])
     return found
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far."""
-    with open(f"/proc/{pid}/stat") as stat:
-        fields = stat.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def machine_cpu() -> tuple[int, int]:
@@ -360,11 +369,21 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--wait-quiet", type=float, default=0, metavar="SECONDS",
                         help="first wait up to this long for other stacks/test runs to finish and the load to drop")
     parser.add_argument("--out", type=Path, default=ROOT / "var" / "bench", help="logs, ledger and result.json")
+    parser.add_argument("--peers", default=",".join(runner.PEERS),
+                        help=f"peers to run after the service, comma-separated ({', '.join(runner.PEERS)}; '' for none)")
+    parser.add_argument("--peer-redis-db", type=int, default=12,
+                        help="Redis db of the peers (flushed); their database is <database>_peers, their vhost <vhost>-peers")
+    parser.add_argument("--profile", action="store_true",
+                        help="py-spy the web and consumer processes during the throughput pass (var/bench/profile-*)")
     args = parser.parse_args()
     if args.rss_growth:
         args.sagas = max(args.sagas, RSS_MILESTONES[-1] - args.warmup)
     if args.raw_chains is None:
         args.raw_chains = min(args.sagas, 5000)
+    args.peers = [name for name in args.peers.split(",") if name]
+    unknown = set(args.peers) - set(runner.PEERS)
+    if unknown:
+        parser.error(f"unknown peers {sorted(unknown)}; known: {', '.join(runner.PEERS)}")
     return args
 
 
@@ -376,13 +395,19 @@ def main() -> int:
                       postgres_admin_url=f"postgres://{args.pg_user}@{args.pg_host}:{args.pg_port}/postgres",
                       redis_host=os.environ.get("REDIS_HOST", "127.0.0.1"),
                       redis_port=int(os.environ.get("REDIS_PORT", 6379)))
+    peer_sandbox = Sandbox(database=f"{args.database}_peers", redis_db=args.peer_redis_db,
+                           vhost=args.vhost if args.vhost == DEFAULT_VHOST else f"{args.vhost}-peers",
+                           postgres_admin_url=sandbox.postgres_admin_url, redis_host=sandbox.redis_host,
+                           redis_port=sandbox.redis_port)
     try:
         sandbox.create()
+        if args.peers:
+            peer_sandbox.create()
     except SandboxError as error:
         sys.exit(f"benchmark: {error}")
     vhost = sandbox.vhost
     ledger = args.out / "ledger.sqlite3"
-    for stale in args.out.glob("ledger.sqlite3*"):
+    for stale in args.out.glob("*ledger.sqlite3*"):  # the peers' ledgers too
         stale.unlink()
     log_dir = args.out / "logs"
     shutil.rmtree(log_dir, ignore_errors=True)
@@ -424,16 +449,21 @@ def main() -> int:
             drive_sagas("warmup", base_url, listener, count=args.warmup, concurrency=args.concurrency,
                         saga_timeout=args.saga_timeout)
         own = {os.getpid(), *(service.pid for service in stack.services.values())}
-        cpu_before = {name: cpu_seconds(service.pid) for name, service in stack.services.items()}
+        cpu_watch = CpuWatch([*(Group(name, roots=(service.pid,)) for name, service in stack.services.items()),
+                              Group("load generator", roots=(os.getpid(),), descendants=False),
+                              *server_groups([args.database])])
+        profiles = [Profile(pid=stack.services[name].pid, name=name, out_dir=args.out)
+                    for name in ["web", *consumers]] if args.profile else []
         watch = LoadWatch(own)
+        cpu_watch.start()
         started = time.monotonic()
         print(f"saga throughput pass: {args.sagas} sagas, {args.concurrency} in flight ...", flush=True)
         throughput = drive_sagas("throughput", base_url, listener, count=args.sagas, concurrency=args.concurrency,
                                  saga_timeout=args.saga_timeout)
         wall = time.monotonic() - started
-        results["cpu_seconds_in_throughput_pass"] = {
-            name: round(cpu_seconds(service.pid) - cpu_before[name], 2) for name, service in stack.services.items()}
-        results["cpu_seconds_in_throughput_pass"]["wall"] = round(wall, 2)
+        results["cpu_seconds_in_throughput_pass"] = {**cpu_watch.stop(), "wall": round(wall, 2)}
+        results["profiles"] = [str(summarize(path, profile.name, args.out))
+                               for profile in profiles if (path := profile.stop())]
         results["load"] = {"throughput": watch.finish()}
         print(f"single pass: {args.single} sagas, 1 in flight ...", flush=True)
         watch = LoadWatch(own)
@@ -446,24 +476,54 @@ def main() -> int:
         print(f"raw broker baseline: {args.raw_chains} chains at {args.concurrency}, {args.single} at 1 ...",
               flush=True)
         watch = LoadWatch(own)
-        participants_cpu = cpu_seconds(stack.services["participants"].pid)
+        # the raw chains run their three passes in one process: its other processes' CPU is over all of them
+        raw_watch = CpuWatch([Group("participants", roots=(stack.services["participants"].pid,)),
+                              *server_groups([args.database])])
+        raw_watch.start()
         raw = run_raw_chains(stack, chains=args.raw_chains, concurrency=args.concurrency, single=args.single,
                              timeout=max(1200.0, args.saga_timeout))
+        raw["cpu_seconds_in_all_passes"] = raw_watch.stop()
         results["load"]["raw"] = watch.finish()
         raw_chains_run = RAW_WARMUP + args.raw_chains + args.single
         raw["participants_cpu_ms_per_chain"] = round(
-            (cpu_seconds(stack.services["participants"].pid) - participants_cpu) * 1000 / raw_chains_run, 2)
+            raw["cpu_seconds_in_all_passes"]["participants"] * 1000 / raw_chains_run, 2)
         dead = [name for name, service in stack.services.items() if not service.alive()]
     finally:
         listener.stop()
         stack.stop_all()
 
+    peers = {}
+    peer_env = {**stack.env, **runner.peer_environment(peer_sandbox, rabbitmq_host=os.environ.get(
+        "RABBITMQ_HOST", "127.0.0.1"), ledger_dir=args.out)}
+    for name in args.peers:
+        print(f"peer {name}: {args.warmup} warm-up, 1 compensated, {args.sagas} at {args.concurrency}, "
+              f"{args.single} at 1 ...", flush=True)
+        watch = LoadWatch(own)
+        try:
+            peers[name] = runner.run_peer(name, env=peer_env, log_dir=log_dir, sagas=args.sagas,
+                                          concurrency=args.concurrency, single=args.single, warmup=args.warmup,
+                                          log_level=args.log_level, timeout=max(1200.0, args.saga_timeout),
+                                          databases=[peer_sandbox.database])
+        except (RuntimeError, TimeoutError, OSError) as error:
+            peers[name] = {"error": str(error)}
+            print(f"WARNING: peer {name} failed: {error}", flush=True)
+        results["load"][name] = watch.finish()
+
     results.update({"listener_reconnects": listener.reconnects, "throughput": throughput.summary(),
                     "single": single.summary(), "raw": raw, "memory_kib": memory, "consumer_rss_kib_at": samples,
-                    "stopped_early": dead})
+                    "stopped_early": dead, "peers": peers})
     verdicts = print_table(args, throughput, single, raw, memory, samples, consumers,
-                           results["cpu_seconds_in_throughput_pass"], results["single_step_ms"])
+                           results["cpu_seconds_in_throughput_pass"], results["single_step_ms"], peers)
     results["verdicts"] = verdicts
+    columns = comparison_columns(args, throughput, single, raw, results["cpu_seconds_in_throughput_pass"], peers)
+    print(comparison_table(columns, args.concurrency))
+    print()
+    for path in results["profiles"]:
+        print(f"profile: {path}")
+    for name, peer in peers.items():
+        statuses = peer.get("compensation", {}).get("statuses")
+        if statuses != {"compensated": 1}:
+            print(f"WARNING: peer {name}: the declined-payment saga did not end compensated: {statuses or peer}")
     if dead:
         print(f"WARNING: these processes died during the run: {dead}; see {log_dir}")
     if listener.reconnects or any(raw.get(key, {}).get("broker_lost") for key in ("throughput", "single")):
@@ -503,7 +563,7 @@ def _verdict(value: float | None, ok) -> str:
 
 
 def print_table(args, throughput: PassResult, single: PassResult, raw: dict, memory: dict, samples: dict,
-                consumers: list[str], cpu_in_pass: dict[str, float], step_ms: dict) -> dict[str, str]:
+                consumers: list[str], cpu_in_pass: dict[str, float], step_ms: dict, peers: dict) -> dict[str, str]:
     raw.setdefault("single", {"p50_ms": None, "p99_ms": None, "completed": 0})
     raw_c, raw_1 = raw["throughput"], raw["single"]
     saga_p50, saga_p99 = ms(percentile(throughput.latencies, 50)), ms(percentile(throughput.latencies, 99))
@@ -514,15 +574,19 @@ def print_table(args, throughput: PassResult, single: PassResult, raw: dict, mem
     growth = None
     if first in samples and last in samples:
         growth = max((samples[last][c] - samples[first][c]) * 100 / samples[first][c] for c in consumers)
-    verdicts = {
-        "throughput ratio": _verdict(throughput_ratio, lambda r: r >= TARGET_THROUGHPUT_RATIO),
-        "latency ratio": _verdict(latency_ratio, lambda r: r <= TARGET_LATENCY_RATIO),
-        "rss growth": _verdict(growth, lambda g: g < TARGET_RSS_GROWTH),
-    }
-
+    celery_single = peers.get("celery-saga", {}).get("single", {}).get("latencies_ms")
+    celery_p50 = percentile(celery_single, 50) if celery_single else None
     per_saga = {name: seconds * 1000 / max(1, throughput.sagas) for name, seconds in cpu_in_pass.items()
                 if name != "wall"}
     consumers_cpu = sum(value for name, value in per_saga.items() if name.startswith("consumer"))
+    service_cpu = per_saga["web"] + consumers_cpu
+    verdicts = {
+        "throughput ratio": _verdict(throughput_ratio, lambda r: r >= TARGET_THROUGHPUT_RATIO),
+        "latency ratio": _verdict(latency_ratio, lambda r: r <= TARGET_LATENCY_RATIO),
+        "latency against celery-saga": _verdict(single_p50 if celery_p50 else None, lambda p: p < celery_p50),
+        "service cpu": _verdict(service_cpu, lambda c: c <= TARGET_SERVICE_CPU_MS),
+        "rss growth": _verdict(growth, lambda g: g < TARGET_RSS_GROWTH),
+    }
     driver_cpu = raw_c["cpu_seconds"] * 1000 / max(1, raw_c["completed"])
     raw_participants_cpu = raw["participants_cpu_ms_per_chain"]
     at_first, at_last = samples.get(first), samples.get(last)
@@ -546,9 +610,11 @@ def print_table(args, throughput: PassResult, single: PassResult, raw: dict, mem
                                        f"n={raw_1['completed']})", "", ""),
         ("latency ratio saga/raw (1 in flight)", _fmt(latency_ratio, "", 2), f"<= {TARGET_LATENCY_RATIO}",
          verdicts["latency ratio"]),
-        ("CPU per saga (C pass)", f"{sum(per_saga.values()):.1f} ms = web {per_saga['web']:.1f} + consumers "
-                                  f"{consumers_cpu:.1f} + participants {per_saga['participants']:.1f} "
-                                  "(+ PG/Redis/RabbitMQ)", "", ""),
+        ("celery-saga p50, 1 in flight", _fmt(celery_p50, " ms"), "saga p50 below",
+         verdicts["latency against celery-saga"]),
+        ("CPU per saga, web + consumers (C pass)", f"{service_cpu:.1f} ms = web {per_saga['web']:.1f} + consumers "
+                                                   f"{consumers_cpu:.1f} (all processes: table below)",
+         f"<= {TARGET_SERVICE_CPU_MS}", verdicts["service cpu"]),
         ("CPU per raw chain (C pass)", f"{driver_cpu + raw_participants_cpu:.1f} ms = driver {driver_cpu:.1f} + "
                                        f"participants {raw_participants_cpu:.1f} (+ RabbitMQ)", "", ""),
         ("peak RSS web", _mib(memory["web"]["VmHWM"]), "", ""),
@@ -560,15 +626,41 @@ def print_table(args, throughput: PassResult, single: PassResult, raw: dict, mem
         (f"consumer RSS growth {first // 1000}k -> {last // 1000}k", _fmt(growth, " %", 2),
          f"< {TARGET_RSS_GROWTH:g} %", verdicts["rss growth"]),
     ]
-    header = ("metric", "value", "target", "verdict")
-    widths = [max(len(row[i]) for row in [*rows, header]) for i in range(4)]
     print()
-    print(" | ".join(cell.ljust(width) for cell, width in zip(header, widths)).rstrip())
-    print("-+-".join("-" * width for width in widths))
-    for row in rows:
-        print(" | ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    print(render(("metric", "value", "target", "verdict"), rows))
     print()
     return verdicts
+
+
+def comparison_columns(args, throughput: PassResult, single: PassResult, raw: dict, cpu_in_pass: dict,
+                       peers: dict) -> list[Column]:
+    """The service, each peer that ran and the raw chain, as columns of the comparison table."""
+
+    def latency(values_ms: list[float] | None, pct: float) -> float | None:
+        return percentile(values_ms, pct) if values_ms else None
+
+    ours = Column("orchestrator", throughput.rate, ms(percentile(throughput.latencies, 50)),
+                  ms(percentile(throughput.latencies, 99)), ms(percentile(single.latencies, 50)),
+                  ms(percentile(single.latencies, 99)),
+                  per_saga_ms({k: v for k, v in cpu_in_pass.items() if k != "wall"}, throughput.completed),
+                  note="the load generator is the benchmark itself: HTTP clients and the saga.events listener")
+    columns = [ours]
+    for name, peer in peers.items():
+        if "error" in peer:
+            columns.append(Column(name, None, None, None, None, None, note=f"failed: {peer['error'][:200]}"))
+            continue
+        c, one = peer["throughput"], peer["single"]
+        columns.append(Column(name, c["sagas_per_s"], latency(c["latencies_ms"], 50), latency(c["latencies_ms"], 99),
+                              latency(one["latencies_ms"], 50), latency(one["latencies_ms"], 99),
+                              peer["cpu_ms_per_saga"]))
+    raw_c, raw_1 = raw["throughput"], raw.get("single", {})
+    chains_run = RAW_WARMUP + args.raw_chains + args.single
+    raw_cpu = {"raw chain driver": round(raw_c["cpu_seconds"] * 1000 / max(1, raw_c["completed"]), 2),
+               **per_saga_ms(raw.get("cpu_seconds_in_all_passes", {}), chains_run)}
+    columns.append(Column("raw chain", raw_c["chains_per_s"], raw_c["p50_ms"], raw_c["p99_ms"], raw_1.get("p50_ms"),
+                          raw_1.get("p99_ms"), raw_cpu,
+                          note="CPU of its participants and servers over all its passes (warm-up and 1 in flight too)"))
+    return columns
 
 if __name__ == "__main__":
     sys.exit(main())
