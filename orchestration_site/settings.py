@@ -262,6 +262,8 @@ X_FRAME_OPTIONS = "DENY"
 METRICS_ALLOWED_CIDRS = env_networks("METRICS_ALLOWED_CIDRS", "127.0.0.1/32,::1/128")
 # /readyz gives the database, Redis and the broker this long, together, to answer
 READINESS_TIMEOUT_SECONDS = env_seconds("READINESS_TIMEOUT_SECONDS", 2.0)
+# /readyz asks its dependencies at most this often; callers meanwhile share the last answer
+READINESS_CACHE_SECONDS = env_float("READINESS_CACHE_SECONDS", 1.0, minimum=0.0, maximum=60.0)
 # each consumer serves its metrics on this port (0: none), on CONSUMER_METRICS_HOST
 CONSUMER_METRICS_PORT = env_int("CONSUMER_METRICS_PORT", default=0, minimum=0, maximum=65535)
 CONSUMER_METRICS_HOST = env_str("CONSUMER_METRICS_HOST", default="127.0.0.1")

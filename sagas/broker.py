@@ -298,6 +298,9 @@ class Broker:
             reply_to=reply_to,
             headers=headers or None,
             timestamp=int(time.time()),
+            # RabbitMQ checks it is this connection's user: a participant can tell our commands
+            # from ones another participant slipped into its queue through the default exchange
+            user_id=settings.RABBITMQ["user"],
         )
         channel = self._ensure()
         try:

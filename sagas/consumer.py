@@ -12,9 +12,10 @@ declares, publishes and yields rounds; the saga policy is here:
 - Anything else that goes wrong with one reply stays with that reply: it is published again to
   the tail of the queue, at most MAX_HANDLER_TRIES times, counted in a header only we can write
   (signed), then set aside.
-- During a backlog the tick runs at most every `tick_seconds`, without the deadline check: the
-  replies deadlines would give up on may be in the backlog, and resending for them would only
-  grow it (with short step timeouts, a storm of resends).
+- During a backlog the tick runs at most every `tick_seconds`, and the deadline check at most
+  every `deadline_hold_seconds` (30): the replies deadlines would give up on may be in the
+  backlog, and resending for them would only grow it (with short step timeouts, a storm of
+  resends); but a backlog that never ends (a flood of junk) must not hold every resend back.
 - No tick while the broker is away: deadline checks would spend a command's attempts on resends
   that cannot leave, and turn a broker outage into given-up steps.
 """
@@ -82,18 +83,20 @@ def _saga_id_of(value) -> str | None:
 class SagaConsumer:
     def __init__(self, runtime: Runtime, *, queue: str = REPLIES_QUEUE, prefetch: int = 50,
                  deadline_check_seconds: float = 0.25, tick_seconds: float = 0.2,
-                 participant_users: dict[str, str] | None = None):
+                 deadline_hold_seconds: float = 30.0, participant_users: dict[str, str] | None = None):
         self.runtime = runtime
         self.broker = runtime.broker
         self.queue = queue
         self.prefetch = prefetch
         self.deadline_check_seconds = deadline_check_seconds
         self.tick_seconds = tick_seconds
+        self.deadline_hold_seconds = deadline_hold_seconds
         # participant -> the RabbitMQ user whose replies it may send (None: anyone may answer)
         self.participant_users = settings.PARTICIPANT_USERS if participant_users is None else participant_users
         self.stopping = False
         self.dead_lettered = 0
         self._next_tick = self._next_deadline_check = self._next_relay = 0.0
+        self._last_deadline_check = time.monotonic()
 
     def stop(self, *_signal) -> None:
         log.info("stopping after the round in hand")
@@ -156,7 +159,8 @@ class SagaConsumer:
         return services.IncomingReply(saga_id, reply, storable_text(delivery.message_id), delivery.redelivered)
 
     def _forged(self, delivery: Delivery, command: str) -> str | None:
-        if not self.participant_users:
+        if not self.participant_users or handler_tries(delivery) > 0:
+            # (a validly signed tries count: we published this copy again after it passed the check)
             return None
         participant = command.partition(".")[0]
         expected = self.participant_users.get(participant)
@@ -228,8 +232,10 @@ class SagaConsumer:
         dead_letters.file_due(self.broker)
         try:
             close_old_connections()
-            if not backlog and now >= self._next_deadline_check:
+            held_too_long = now >= self._last_deadline_check + self.deadline_hold_seconds
+            if (not backlog or held_too_long) and now >= self._next_deadline_check:
                 self._next_deadline_check = now + self.deadline_check_seconds
+                self._last_deadline_check = now
                 self.check_deadlines()
             if now >= self._next_relay:
                 self._next_relay = now + RELAY_SECONDS

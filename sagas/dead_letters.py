@@ -34,6 +34,12 @@ from sagas.broker import (
 )
 from sagas.dead_letter_models import DeadLetter
 from sagas.models import Saga
+from sagas.replies import MAX_REPLY_BYTES
+
+# A reply over MAX_REPLY_BYTES is poison whatever it holds (parse_reply refuses it unread): of such
+# a body only the start is kept, for a person to see, so a flood of huge messages costs neither the
+# consumer's memory nor the database's disk; it cannot be requeued, only discarded.
+TRUNCATED = "x-body-truncated"
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +83,7 @@ def _saga_named(delivery: Delivery) -> uuid.UUID | None:
     """The known saga the correlation_id, else the body's saga_id, names."""
     candidates = [delivery.correlation_id]
     try:
-        body = json.loads(delivery.body)
+        body = json.loads(delivery.body) if len(delivery.body) <= MAX_REPLY_BYTES else None
         if isinstance(body, dict):
             candidates.append(body.get("saga_id"))
     except (ValueError, RecursionError):
@@ -97,6 +103,10 @@ def file_delivery(delivery: Delivery) -> DeadLetter | None:
     message is filed and open already (a redelivery after a crash between commit and ack)."""
     body = bytes(delivery.body)
     digest = hashlib.sha256(body).hexdigest()
+    headers = json_headers(delivery.headers)
+    if len(body) > MAX_REPLY_BYTES:
+        headers[TRUNCATED] = f"{len(body)} bytes; the first {MAX_REPLY_BYTES} are kept"
+        body = body[:MAX_REPLY_BYTES]
     reason = delivery.headers.get(DEAD_LETTER_REASON)
     reason = _text(reason if isinstance(reason, str) else "no reason given", MAX_REASON_CHARS)
     message_id = _text(delivery.message_id)
@@ -109,7 +119,7 @@ def file_delivery(delivery: Delivery) -> DeadLetter | None:
         if same.exists():
             return None
         return DeadLetter.objects.create(
-            body=body, body_sha256=digest, headers=json_headers(delivery.headers), reason=reason,
+            body=body, body_sha256=digest, headers=headers, reason=reason,
             message_id=message_id, correlation_id=_text(delivery.correlation_id), saga_id=_saga_named(delivery),
             dead_lettered_at=at,
         )
@@ -178,6 +188,9 @@ def requeue_dead_letter(*, dead_letter_id: int, actor: str, note: str = "", brok
     sender's headers, without ours), and mark the row requeued. The publish happens while the
     row is locked and before it is marked: if it fails, the row stays open."""
     def publish(row: DeadLetter) -> None:
+        if TRUNCATED in row.headers:
+            raise NotOpen(f"Only the start of this message was kept ({row.headers[TRUNCATED]}): it was over the "
+                          f"size limit, so it can never be applied. Discard it.")
         own_broker = broker or Broker()
         try:
             own_broker.publish(exchange="", routing_key=REPLIES_QUEUE, body=bytes(row.body),

@@ -77,10 +77,27 @@ def readiness(*, timeout: float | None = None) -> dict[str, str]:
     return results
 
 
+_last_answer: tuple[float, dict[str, str]] | None = None
+_answering = threading.Lock()
+
+
+def shared_readiness() -> dict[str, str]:
+    """`readiness`, asked at most once every READINESS_CACHE_SECONDS whatever the request rate:
+    callers meanwhile share the last answer (or wait for the one being made), so /readyz, open to
+    anyone, cannot be used to hammer the database, Redis and the broker with connections."""
+    global _last_answer
+    with _answering:
+        if _last_answer is not None and time.monotonic() - _last_answer[0] < settings.READINESS_CACHE_SECONDS:
+            return _last_answer[1]
+        checks = readiness()
+        _last_answer = (time.monotonic(), checks)
+        return checks
+
+
 def readyz(request):
     if request.method != "GET":
         return JsonResponse({"detail": f'Method "{request.method}" not allowed.'}, status=405)
-    checks = readiness()
+    checks = shared_readiness()
     failed = [name for name, result in checks.items() if result != "ok"]
     if failed:
         return JsonResponse({"status": "unavailable", "detail": f"not ready: {', '.join(failed)}", "checks": checks},

@@ -16,3 +16,5 @@ WHITENOISE_USE_FINDERS = True
 # Most tests look for dead letters in saga.replies.dead itself; tests/test_dead_letters.py turns
 # the consumer's filing of them into the console's table on where it tests it.
 DEAD_LETTER_FILE_EVERY_SECONDS = 0.0
+# Each readiness test asks afresh; tests/test_health.py shows the sharing with the production period.
+READINESS_CACHE_SECONDS = 0.0

@@ -3,6 +3,7 @@ round, each is acked once or put back, and consuming starts again after a lost c
 import time
 
 import pytest
+from django.conf import settings
 
 from sagas.broker import Broker
 
@@ -92,3 +93,13 @@ def test_the_topology_declares_a_command_queue_for_each_participant_of_a_registe
         flows.unregister(flow)
     assert queues["shipping.commands"] == "shipping.*"
     assert {queues[q] for q in ("stock.commands", "payment.commands", "order.commands")} == {"stock.*", "payment.*", "order.*"}
+
+
+def test_every_message_carries_the_user_rabbitmq_vouches_for(private_queue):
+    """So a participant can tell the orchestrator's commands from ones another participant put in
+    its queue through the default exchange (RabbitMQ refuses a user_id that is not the sender's)."""
+    broker = Broker()
+    broker.publish(exchange="", routing_key=private_queue, body=b"{}")
+    (delivery,) = broker.drain(private_queue)
+    broker.close()
+    assert delivery.user_id == settings.RABBITMQ["user"]

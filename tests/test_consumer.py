@@ -271,3 +271,24 @@ def test_a_backlog_does_not_starve_the_outbox_relay_and_holds_back_the_deadlines
     gaps = [later - earlier for earlier, later in zip([started, *consumer.relays], consumer.relays)]
     assert time.monotonic() - started > 1.5 and gaps and max(gaps) < 1.5, f"{len(consumer.relays)} relays"
     assert set(consumer.deadline_checks) <= {backlog}  # held back while the backlog lasted
+
+
+def test_a_backlog_that_never_ends_holds_the_deadlines_back_only_so_long(transactional_db, private_queue):
+    """Found in review: a sender flooding saga.replies (junk is cheap to dead-letter) kept the
+    consumer in a backlog for good, and every resend, give-up and compensation with it. The
+    deadline check now waits for a backlog at most `deadline_hold_seconds`."""
+    backlog = 1500
+    publisher = Broker()
+    for _ in range(backlog):
+        publisher.publish(exchange="", routing_key=private_queue, body=b"{}")
+    publisher.close()
+    consumer = BusyConsumer(Runtime.for_consumer(Broker()), queue=private_queue, expected=backlog,
+                            deadline_hold_seconds=1.0)
+    started = time.monotonic()
+    thread = in_thread(consumer.run, "flooded-consumer")
+    thread.join(timeout=90)
+    assert not thread.is_alive(), "the consumer did not drain the backlog within 90 s"
+    elapsed = time.monotonic() - started
+    during = [handled for handled in consumer.deadline_checks if handled < backlog]
+    assert during, f"no deadline check during a backlog of {elapsed:.1f} s"
+    assert len(during) <= elapsed / 1.0 + 1  # still held back: about one a second, not one every tick

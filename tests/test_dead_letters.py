@@ -1,6 +1,7 @@
 """Dead letters a person settles, on the real broker in the tests' vhost: filed from
 saga.replies.dead into the table (acked only once filed), requeued to saga.replies or discarded,
 each by a permitted person and in the admin history, from the console or the command line."""
+import hashlib
 import json
 import uuid
 
@@ -254,3 +255,20 @@ def test_prune_deletes_only_settled_dead_letters_past_the_age(capsys, make_staff
     assert "would delete 1" in capsys.readouterr().out and DeadLetter.objects.count() == 2
     call_command("dead_letters", "prune", "--settled-before", "30d", "--execute")
     assert list(DeadLetter.objects.values_list("pk", flat=True)) == [kept.pk]
+
+
+def test_of_a_body_over_the_size_limit_only_the_start_is_kept_and_it_can_only_be_discarded(broker):
+    """Found in review: filing kept any body whole (a 100 MB reply in the consumer's memory, the
+    database and the console page). Such a body is poison whatever it holds."""
+    huge = b"[" + b"1," * 500_000 + b"1]"
+    set_aside(broker, huge, reason="body of 1000002 bytes is over the 65536 byte limit")
+    dead_letters.file_from_queue(broker)
+    row = DeadLetter.objects.get()
+    assert bytes(row.body) == huge[:65536] and row.body_sha256 == hashlib.sha256(huge).hexdigest()
+    assert row.headers[dead_letters.TRUNCATED] == f"{len(huge)} bytes; the first 65536 are kept"
+    with pytest.raises(dead_letters.NotOpen, match="Discard it"):
+        dead_letters.requeue_dead_letter(dead_letter_id=row.pk, actor="ana", broker=broker)
+    assert DeadLetter.objects.get().status == DeadLetter.Status.OPEN
+    assert broker.drain(REPLIES_QUEUE) == []
+    dead_letters.discard_dead_letter(dead_letter_id=row.pk, actor="ana", note="too big")
+    assert DeadLetter.objects.get().status == DeadLetter.Status.DISCARDED

@@ -111,3 +111,15 @@ def test_the_running_consumer_beats_and_the_probe_fails_once_it_stops(tmp_path, 
     assert not thread.is_alive()
     wait_for(lambda: not health.judge_heartbeat(name="c-test", source="file", path=path, max_age=1).healthy,
              timeout=5, what="the probe to fail")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_burst_of_readiness_requests_asks_the_dependencies_once(client, settings, monkeypatch):
+    settings.READINESS_CACHE_SECONDS = 30.0
+    monkeypatch.setattr(health, "_last_answer", None)
+    asked = []
+    for name, check in list(health.CHECKS.items()):
+        monkeypatch.setitem(health.CHECKS, name, lambda check=check, name=name: asked.append(name) or check())
+    answers = [client.get("/readyz").status_code for _ in range(20)]
+    assert answers == [200] * 20
+    assert sorted(asked) == ["broker", "database", "redis"]  # once each, for twenty requests

@@ -16,7 +16,7 @@ from sagas.dead_letter_models import DeadLetter
 from sagas.engine import Limits, Reply
 from sagas.flows import ORDER_FLOW
 from sagas.models import OutboxMessage, Saga
-from tests.conftest import ORDER, finished
+from tests.conftest import ORDER, finished, wait_for
 
 LIMITS = Limits(step_timeout=1.0, step_max_attempts=2, compensation_max_attempts=2)
 FACTS = {"user_id": "u1", "items": ORDER["items"], "currency": "EUR", "payment_method": None}
@@ -129,6 +129,8 @@ def test_a_saga_through_the_whole_service_feeds_the_counters_and_histograms(saga
     saga_id = saga_stack.create_order().json()["saga_id"]
     assert finished(saga_id).status == "completed"
     assert value(metrics.STARTED) == started + 1
+    # the consumer counts a reply once its round is committed, a moment after the database says so
+    wait_for(lambda: value(metrics.REPLIES, "applied") >= applied + 3, timeout=10, what="three replies counted")
     assert value(metrics.REPLIES, "applied") == applied + 3
     assert _count(metrics.POST_TO_TERMINAL) == post_samples + 1
     assert _count(metrics.REPLY_TO_COMMIT) == commit_samples + 3

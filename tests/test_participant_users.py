@@ -8,6 +8,7 @@ from django.conf import settings
 
 from orchestration_site.env import ConfigError
 from orchestration_site.settings import _participant_users
+from sagas import engine
 from sagas.broker import DEAD_LETTER_QUEUE, Broker
 from sagas.consumer import SagaConsumer
 from sagas.models import TimelineEntry
@@ -83,3 +84,28 @@ def test_participant_users_unset_believes_anyone_and_set_maps_each_participant()
     assert _participant_users(None) == {}
     assert _participant_users(" stock=stock-svc, payment=pay-svc ,order=order-svc") == {
         "stock": "stock-svc", "payment": "pay-svc", "order": "order-svc"}
+
+
+def test_a_genuine_reply_whose_handling_failed_once_is_not_taken_for_forged(guarded_consumer, participant_users,
+                                                                           monkeypatch):
+    """Found in review: the retry copy we publish carries our own connection's user (none), so the
+    second try judged it forged. A validly signed tries count says we checked it already."""
+    (saga_id,) = hostile_bus.awaiting_sagas(1)
+    real, failed = engine.on_reply, []
+
+    def on_reply(flow, state, reply, **kwargs):  # a bug this reply meets once
+        if state.saga_id == saga_id and not failed:
+            failed.append(reply)
+            raise KeyError("once")
+        return real(flow, state, reply, **kwargs)
+
+    monkeypatch.setattr(engine, "on_reply", on_reply)
+    stock = participant_users["stock"]
+    hostile_bus.publish_round([hostile_bus.Outgoing(hostile_bus.good_reply(saga_id), user_id=stock)],
+                              user=stock, password="secret-" + stock)
+    wait_for(lambda: TimelineEntry.objects.filter(saga_id=saga_id, kind="reply", applied=True).exists(),
+             what="the genuine reply applied on its second try")
+    assert failed
+    broker = Broker()
+    assert broker.drain(DEAD_LETTER_QUEUE) == []
+    broker.close()
