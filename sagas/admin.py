@@ -56,8 +56,23 @@ class SagaChangeList(ChangeList):
         return [*rows, ("none (finished)", self._count(1, None), None)]
 
 
+class ReadOnlyAdmin(admin.ModelAdmin):
+    """Rows that only the service functions change: the console reads them, and changes them
+    through its permissioned, audited actions alone (sagas by their own services, dead letters by
+    requeue and discard)."""
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False
+
+
 @admin.register(Saga)
-class SagaAdmin(admin.ModelAdmin):
+class SagaAdmin(ReadOnlyAdmin):
     paginator = CountingPaginator
     list_display = ("saga", "status_badge", "current_step", "customer", "amount", "age", "last_change")
     list_display_links = ("saga",)
@@ -86,16 +101,6 @@ class SagaAdmin(admin.ModelAdmin):
     def get_search_results(self, request, queryset, search_term):
         condition = selectors.search_condition(search_term)
         return (queryset if condition is None else queryset.filter(condition)), False
-
-    # Sagas are created by orders and changed by the saga's own services only.
-    def has_add_permission(self, request):
-        return False
-
-    def has_change_permission(self, request, obj=None):
-        return False
-
-    def has_delete_permission(self, request, obj=None):
-        return False
 
     @admin.display(description="saga")
     def saga(self, saga):

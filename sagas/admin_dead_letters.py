@@ -13,6 +13,7 @@ from django.urls import path, reverse
 from django.utils.html import format_html
 
 from sagas import dead_letters
+from sagas.admin import ReadOnlyAdmin
 from sagas.broker import BrokerUnavailable
 from sagas.dead_letter_models import DeadLetter
 from sagas.models import Saga
@@ -37,7 +38,7 @@ def _body_text(row: DeadLetter) -> str:
 
 
 @admin.register(DeadLetter)
-class DeadLetterAdmin(admin.ModelAdmin):
+class DeadLetterAdmin(ReadOnlyAdmin):
     list_display = ("letter", "dead_lettered_at", "status", "short_reason", "saga_link", "body_preview")
     list_filter = ("status",)
     search_fields = ("=saga_id", "=message_id", "=correlation_id")
@@ -48,15 +49,6 @@ class DeadLetterAdmin(admin.ModelAdmin):
     fields = ("status", "reason", "saga_link", "message_id", "correlation_id", "dead_lettered_at", "filed_at",
               "body_text", "headers", "settled_by", "settled_at", "note")
     readonly_fields = fields
-
-    def has_add_permission(self, request):
-        return False
-
-    def has_change_permission(self, request, obj=None):
-        return False
-
-    def has_delete_permission(self, request, obj=None):
-        return False
 
     @admin.display(description="dead letter", ordering="id")
     def letter(self, row):

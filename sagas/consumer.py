@@ -22,7 +22,6 @@ declares, publishes and yields rounds; the saga policy is here:
 import hashlib
 import logging
 import time
-import uuid
 
 from django.conf import settings
 from django.db import DatabaseError, close_old_connections, connection
@@ -39,7 +38,7 @@ from sagas.broker import (
     Delivery,
     sleep_unless,
 )
-from sagas.replies import PoisonMessage, parse_reply, storable_text
+from sagas.replies import PoisonMessage, escaped_text, parse_reply, saga_id_of, storable_text
 from sagas.runtime import Runtime
 from sagas.vocabulary import ReplyFate
 
@@ -71,13 +70,6 @@ def handler_tries(delivery: Delivery) -> int:
 
 def _tries_signature(body: bytes, tries: int) -> str:
     return salted_hmac(TRIES_HEADER, f"{tries}:{hashlib.sha256(body).hexdigest()}").hexdigest()
-
-
-def _saga_id_of(value) -> str | None:
-    try:
-        return str(uuid.UUID(value)) if isinstance(value, str) and len(value) <= 64 else None
-    except ValueError:
-        return None
 
 
 class SagaConsumer:
@@ -134,7 +126,7 @@ class SagaConsumer:
         refused = [(delivery, reason) for delivery, reason in judged if isinstance(reason, str)]
         replies = [(delivery, reply) for delivery, reply in judged if not isinstance(reply, str)]
         for delivery, reason in refused:
-            self.dead_letter(delivery, reason, saga_id=_saga_id_of(delivery.correlation_id))
+            self.dead_letter(delivery, reason, saga_id=saga_id_of(delivery.correlation_id))
         try:
             outcomes = self.apply([reply for _, reply in replies])
         except Outage as outage:
@@ -206,7 +198,7 @@ class SagaConsumer:
 
     def dead_letter(self, delivery: Delivery, reason: str, *, saga_id: str | None) -> None:
         """Set the message aside with the reason; on its saga's timeline too, when it names one we know."""
-        reason = _header_text(reason)
+        reason = escaped_text(reason, MAX_REASON_CHARS)
         self.broker.publish(exchange="", routing_key=DEAD_LETTER_QUEUE, body=delivery.body,
                             message_id=delivery.message_id, correlation_id=delivery.correlation_id,
                             headers={**delivery.headers, REASON_HEADER: reason})
@@ -253,12 +245,6 @@ class SagaConsumer:
 
     def relay(self) -> None:
         outbox.relay_pending(broker=self.broker)
-
-
-def _header_text(reason: str) -> str:
-    """The reason as a header and a text column take it: UTF-8, no NUL, bounded."""
-    text = reason.encode("utf-8", "backslashreplace").decode("utf-8").replace("\x00", "\\x00")
-    return text[:MAX_REASON_CHARS]
 
 
 def _database_answers() -> bool:

@@ -34,7 +34,7 @@ from sagas.broker import (
 )
 from sagas.dead_letter_models import DeadLetter
 from sagas.models import Saga
-from sagas.replies import MAX_REPLY_BYTES
+from sagas.replies import MAX_REPLY_BYTES, escaped_text, saga_id_of
 
 # A reply over MAX_REPLY_BYTES is poison whatever it holds (parse_reply refuses it unread): of such
 # a body only the start is kept, for a person to see, so a flood of huge messages costs neither the
@@ -58,7 +58,7 @@ def json_headers(headers: dict) -> dict:
     bytes as base64 text, anything else (a timestamp, a decimal) as its text."""
     def convert(value):
         if isinstance(value, str):
-            return _text(value, limit=len(value) * 4)
+            return escaped_text(value, limit=len(value) * 4)
         if value is None or isinstance(value, (bool, int)) or (isinstance(value, float) and math.isfinite(value)):
             return value
         if isinstance(value, (bytes, bytearray)):
@@ -72,13 +72,6 @@ def json_headers(headers: dict) -> dict:
     return convert(headers)
 
 
-def _text(value: str | None, limit: int = 255) -> str:
-    # PostgreSQL refuses NUL in text and jsonb; a lone surrogate cannot be stored either
-    if not value:
-        return ""
-    return value.encode("utf-8", "backslashreplace").decode("utf-8").replace("\x00", "\\x00")[:limit]
-
-
 def _saga_named(delivery: Delivery) -> uuid.UUID | None:
     """The known saga the correlation_id, else the body's saga_id, names."""
     candidates = [delivery.correlation_id]
@@ -88,13 +81,9 @@ def _saga_named(delivery: Delivery) -> uuid.UUID | None:
             candidates.append(body.get("saga_id"))
     except (ValueError, RecursionError):
         pass
-    for candidate in candidates:
-        try:
-            saga_id = uuid.UUID(candidate) if isinstance(candidate, str) and len(candidate) <= 64 else None
-        except ValueError:
-            continue
+    for saga_id in map(saga_id_of, candidates):
         if saga_id and Saga.objects.filter(pk=saga_id).exists():
-            return saga_id
+            return uuid.UUID(saga_id)
     return None
 
 
@@ -108,8 +97,8 @@ def file_delivery(delivery: Delivery) -> DeadLetter | None:
         headers[TRUNCATED] = f"{len(body)} bytes; the first {MAX_REPLY_BYTES} are kept"
         body = body[:MAX_REPLY_BYTES]
     reason = delivery.headers.get(DEAD_LETTER_REASON)
-    reason = _text(reason if isinstance(reason, str) else "no reason given", MAX_REASON_CHARS)
-    message_id = _text(delivery.message_id)
+    reason = escaped_text(reason if isinstance(reason, str) else "no reason given", MAX_REASON_CHARS)
+    message_id = escaped_text(delivery.message_id)
     at = (dt.datetime.fromtimestamp(delivery.timestamp, tz=dt.timezone.utc) if delivery.timestamp is not None
           and 0 < delivery.timestamp < 253402300800 else timezone.now())
     same = DeadLetter.objects.filter(body_sha256=digest, message_id=message_id, reason=reason, status=DeadLetter.Status.OPEN)
@@ -120,7 +109,7 @@ def file_delivery(delivery: Delivery) -> DeadLetter | None:
             return None
         return DeadLetter.objects.create(
             body=body, body_sha256=digest, headers=headers, reason=reason,
-            message_id=message_id, correlation_id=_text(delivery.correlation_id), saga_id=_saga_named(delivery),
+            message_id=message_id, correlation_id=escaped_text(delivery.correlation_id), saga_id=_saga_named(delivery),
             dead_lettered_at=at,
         )
 

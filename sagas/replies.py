@@ -84,6 +84,22 @@ def parse_reply(body: bytes) -> tuple[str, Reply]:
     return saga_id, Reply(command=command, attempt=attempt, status=status, reason=reason, data=data)
 
 
+def escaped_text(value: str | None, limit: int = 255) -> str:
+    """`value` as a text column, a jsonb value and an AMQP header all take it: NUL and lone
+    surrogates escaped, at most `limit` characters (for what we write: reasons, copied ids)."""
+    if not value:
+        return ""
+    return value.encode("utf-8", "backslashreplace").decode("utf-8").replace("\x00", "\\x00")[:limit]
+
+
+def saga_id_of(value) -> str | None:
+    """The saga id `value` names (a UUID string), or None."""
+    try:
+        return str(uuid.UUID(value)) if isinstance(value, str) and len(value) <= 64 else None
+    except ValueError:
+        return None
+
+
 def storable_text(value, *, max_length: int = MAX_MESSAGE_ID_LENGTH) -> str:
     """`value` if a text column can hold it, else "" (for properties we only record, like message_id)."""
     if isinstance(value, str) and len(value) <= max_length and not _UNSTORABLE.search(value):

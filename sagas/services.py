@@ -21,6 +21,7 @@ from django.db import IntegrityError, InterfaceError, OperationalError
 from sagas import engine, flows, transitions
 from sagas.engine import Decision, Limits, Reply, SagaState
 from sagas.models import Saga, TimelineEntry, moment
+from sagas.replies import saga_id_of
 from sagas.runtime import Runtime
 from sagas.runtime import current as current_runtime
 from sagas.transitions import Cause, ConcurrentChange, Request, SagaNotFound  # the errors callers catch from here
@@ -206,11 +207,8 @@ def mark_step_compensated(*, saga_id: str, step_name: str, actor: str, reason: s
 
 def record_dead_letter(*, saga_id: str | None, reason: str, message_id: str) -> None:
     """Put a dead-lettered reply on its saga's timeline, when it names a saga we know."""
-    try:
-        known = saga_id and Saga.objects.filter(pk=uuid.UUID(saga_id)).exists()
-    except ValueError:
-        known = False
-    if known:
+    saga_id = saga_id_of(saga_id)
+    if saga_id and Saga.objects.filter(pk=saga_id).exists():
         TimelineEntry.objects.create(saga_id=saga_id, at=moment(time.time()), kind=TimelineEntry.Kind.DEAD_LETTER,
                                      reason=reason, note="set aside in the dead-letter queue", applied=False,
                                      message_id=message_id)
