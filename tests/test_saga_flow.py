@@ -1,15 +1,19 @@
 """Real sagas through RabbitMQ, Redis and PostgreSQL, with the consumer and the demo participants running."""
 import json
+import threading
 from decimal import Decimal
 
 import pytest
 from django_redis import get_redis_connection
 
-from demo.participants import ledger_summary
+from demo.participants import Ledger, ledger_summary, start_participants
+from sagas import flows
 from sagas.broker import DEAD_LETTER_QUEUE, EVENTS_EXCHANGE, REPLIES_QUEUE, Broker
+from sagas.flows import Flow
 from sagas.live_state import key
 from sagas.models import OutboxMessage, Saga, TimelineEntry
 from tests.conftest import ORDER, finished, wait_for
+from tests.test_engine import SHIPPING
 
 pytestmark = [pytest.mark.integration]
 
@@ -179,3 +183,35 @@ def test_a_reply_whose_handling_keeps_failing_is_tried_three_times_then_set_asid
     entry = wait_for(lambda: TimelineEntry.objects.filter(saga_id=saga_id, kind="dead_letter").first(),
                      what="the dead letter on the timeline")
     assert "handler failed" in entry.reason
+
+
+@pytest.fixture
+def order_flow_with_shipping():
+    """The order flow changes under the running service: version 2 adds a shipping step after the
+    order is created (new sagas start on it; the demo's Shipping participant serves it)."""
+    flow = flows.register(Flow(flows.ORDER_FLOW.name, flows.ORDER_FLOW.version + 1, (*flows.ORDER_FLOW.steps, SHIPPING)))
+    yield flow
+    flows.unregister(flow)
+
+
+@pytest.fixture
+def participants_with_shipping(tmp_path, fresh_queues):
+    stop, ledger = threading.Event(), tmp_path / "ledger.sqlite3"
+    threads = start_participants(ledger_path=ledger, should_stop=stop.is_set, with_shipping=True)
+    yield ledger
+    stop.set()
+    for thread in threads:
+        thread.join(timeout=10)
+    assert not [t.name for t in threads if t.is_alive()], "participants did not stop within 10 s"
+
+
+def test_a_four_step_flow_runs_through_the_real_stack(transactional_db, api, order_flow_with_shipping,
+                                                      participants_with_shipping, consumer):
+    saga_id = start(api)
+    saga = finished(saga_id, timeout=30)
+    assert (saga.status, saga.flow_name, saga.flow_version) == ("completed", "order", order_flow_with_shipping.version)
+    assert [step["name"] for step in saga.state["steps"]] == ["reduce_stock", "take_payment", "create_order", "ship"]
+    effects = Ledger(participants_with_shipping).effects(saga_id)
+    (shipped,) = [e for e in effects if e["participant"] == "shipping"]
+    assert shipped["effect"] == "dispatched" and saga.state["facts"]["shipment_id"] == shipped["reference"]
+    assert commands_sent(saga)[-1] == ("shipping.dispatch", 1)
