@@ -202,3 +202,15 @@ def stalling_proxy(settings):
     settings.RABBITMQ = {**settings.RABBITMQ, "host": "127.0.0.1", "port": proxy.port}
     yield proxy
     proxy.close()
+
+
+@pytest.fixture
+def make_staff(django_user_model):
+    """A staff member (or, with is_staff=False, a plain user) holding exactly the named saga-app permissions."""
+    def make(username, *codenames, is_staff=True):
+        from django.contrib.auth.models import Permission
+
+        user = django_user_model.objects.create_user(username, password="pw", is_staff=is_staff)
+        user.user_permissions.set(Permission.objects.filter(content_type__app_label="sagas", codename__in=codenames))
+        return user
+    return make

@@ -2,22 +2,12 @@
 import pytest
 from asgiref.sync import async_to_sync, sync_to_async
 from channels.testing import WebsocketCommunicator
-from django.contrib.auth.models import Permission
 from django.test import Client
 
 from sagas import live_socket, runtime, services
 from tests.conftest import ORDER
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-
-@pytest.fixture
-def make_staff(django_user_model):
-    def make(username, *codenames, is_staff=True):
-        user = django_user_model.objects.create_user(username, password="pw", is_staff=is_staff)
-        user.user_permissions.set(Permission.objects.filter(content_type__app_label="sagas", codename__in=codenames))
-        return user
-    return make
 
 
 def logged_in(user) -> Client:
