@@ -194,7 +194,9 @@ def test_a_handler_bug_for_one_reply_leaves_the_rest_of_its_round_applied(replie
     assert "KeyError" in dead.headers["x-dead-letter-reason"]
     assert calls == [doomed] * MAX_HANDLER_TRIES
     wait_for(lambda: applied_replies(saga_ids) == 3, what="the other three applied")
-    assert TimelineEntry.objects.filter(saga_id=doomed, kind="dead_letter").exists()
+    # the timeline line is written just after the dead letter is published
+    wait_for(lambda: TimelineEntry.objects.filter(saga_id=doomed, kind="dead_letter").exists(), timeout=10,
+             what="the dead letter on the saga's timeline")
     assert Saga.objects.get(pk=doomed).version == 1  # nothing of it was written
     broker.close()
 
@@ -225,7 +227,9 @@ def test_a_reply_for_a_command_not_in_the_sagas_flow_is_dead_lettered_with_why(r
     assert dead.body == body
     assert dead.headers["x-dead-letter-reason"] == (
         f"shipping.dispatch is not a command of flow order v1, which saga {saga_id} runs on")
-    assert TimelineEntry.objects.filter(saga_id=saga_id, kind="dead_letter").exists()
+    # the timeline line is written just after the dead letter is published
+    wait_for(lambda: TimelineEntry.objects.filter(saga_id=saga_id, kind="dead_letter").exists(), timeout=10,
+             what="the dead letter on the saga's timeline")
     assert Saga.objects.get(pk=saga_id).version == 1  # nothing else changed
 
 
