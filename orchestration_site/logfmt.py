@@ -7,6 +7,7 @@ control, format, surrogate or line/paragraph separator character is written as a
 (`\\n`, `\\r`, `\\t`, `\\xNN`, `\\uNNNN`, `\\UNNNNNNNN`), so `parse` gives back the exact text.
 """
 import logging
+import re
 import time
 import unicodedata
 
@@ -28,8 +29,18 @@ def _escape_char(char: str) -> str:
     return f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}"
 
 
+# most values are plain printable ASCII: written as they are, or quoted as they are (with a space
+# or an `=`), with no character-by-character escaping
+_BARE = re.compile(r'[!#-<>-\[\]-~]+')
+_QUOTED_AS_IS = re.compile(r'[ !#-\[\]-~]*')
+
+
 def _quote(value) -> str:
     text = str(value)
+    if _BARE.fullmatch(text):
+        return text
+    if _QUOTED_AS_IS.fullmatch(text):
+        return f'"{text}"'
     escaped = "".join(_escape_char(c) for c in text)
     if text == "" or escaped != text or any(c in text for c in " ="):
         return f'"{escaped}"'

@@ -97,8 +97,8 @@ def transition(cause_kind: str, before: engine.SagaState | None, decision: engin
         STARTED.inc()
     if after.status in engine.TERMINAL and (before is None or before.status != after.status):
         FINISHED.labels(after.status).inc()
-        if before is not None and before.status not in engine.TERMINAL:
-            _observe_post_to_terminal(after.saga_id)  # one primary-key read, once per saga
+        if before is not None and before.status not in engine.TERMINAL and after.started_at is not None:
+            POST_TO_TERMINAL.observe(max(0.0, time.time() - after.started_at))
     for message in decision.messages:
         if isinstance(message, engine.Command) and message.attempt > 1:
             forward = engine.flow_of(after).step_of(message.command).command == message.command
@@ -106,17 +106,6 @@ def transition(cause_kind: str, before: engine.SagaState | None, decision: engin
     if cause_kind == "timeout" and before is not None and before.awaiting is not None and not any(
             isinstance(m, engine.Command) and m.command == before.awaiting.command for m in decision.messages):
         TIMEOUTS.inc()  # the deadline passed and the awaited command was not sent again: given up on
-
-
-def _observe_post_to_terminal(saga_id: str) -> None:
-    from sagas.models import Saga  # after the apps are loaded
-
-    try:
-        created_at = Saga.objects.filter(pk=saga_id).values_list("created_at", flat=True).first()
-    except DatabaseError:  # the transition is committed; a lost observation is not worth a failure
-        return
-    if created_at is not None:
-        POST_TO_TERMINAL.observe(max(0.0, time.time() - created_at.timestamp()))
 
 
 def reply_outcome(outcome: str, *, received_at: float | None = None) -> None:

@@ -2,25 +2,30 @@
 
 They are the statements the ORM would send (values go through each field's own
 `get_db_prep_save`, so JSON, UUIDs, decimals and times are stored exactly as the ORM stores them
-on either database), without its per-statement query building, which was a third of the saga
-consumer's CPU. On PostgreSQL, `pipeline()` sends a transition's statements together (psycopg's
-pipeline mode) instead of waiting for each answer in turn. Reads, the admin and everything off
-the hot path keep using the ORM.
+on either database), without its per-statement query building. On PostgreSQL they go through
+psycopg's own cursor, binding values on the server: one statement text per table, each row sent
+with it (`executemany`), prepared by PostgreSQL after a few uses; and `pipeline()` sends a
+transition's statements together (psycopg's pipeline mode) instead of waiting for each answer in
+turn. Django's query log (`connection.queries`, `CaptureQueriesContext`) still sees each statement.
+Reads, the admin and everything off the hot path keep using the ORM.
 """
+import time
 from contextlib import contextmanager, nullcontext
+from functools import cache
 
-from django.db import connection
+import psycopg
+from django.db import connections
 from django.db.models import Model
 
-
-def _quote(name: str) -> str:
-    return connection.ops.quote_name(name)
+# the transition path writes on the default database
+ALIAS = "default"
 
 
 @contextmanager
 def pipeline():
     """Statements inside go out without waiting for each other's answers (PostgreSQL; elsewhere
-    a no-op). Read an `update`'s rowcount after leaving the block; an error surfaces by then."""
+    a no-op). Read an `update`'s changed rows after leaving the block; an error surfaces by then."""
+    connection = connections[ALIAS]
     connection.ensure_connection()
     # an error may surface as the block ends, outside any cursor call: make it Django's error too
     with connection.wrap_database_errors, getattr(connection.connection, "pipeline", nullcontext)():
@@ -28,48 +33,87 @@ def pipeline():
 
 
 def insert(objs: list[Model]) -> list[Model]:
-    """INSERT the objects (all of one model) in one statement; auto ids are set on them."""
+    """INSERT the objects (all of one model); auto ids are set on them."""
     if not objs:
         return objs
-    meta = objs[0]._meta
-    auto_pk = meta.auto_field is not None
-    fields = [f for f in meta.concrete_fields if not (auto_pk and f.primary_key)]
-    row = "(" + ", ".join(["%s"] * len(fields)) + ")"
-    sql = (f"INSERT INTO {_quote(meta.db_table)} ({', '.join(_quote(f.column) for f in fields)}) "
-           f"VALUES {', '.join([row] * len(objs))}")
-    params = [f.get_db_prep_save(f.pre_save(obj, True), connection) for obj in objs for f in fields]
-    cursor = connection.cursor()
-    if not auto_pk:
-        cursor.execute(sql, params)
-        return objs
-    cursor.execute(f"{sql} RETURNING {_quote(meta.pk.column)}", params)
-    for obj, (pk,) in zip(objs, cursor.fetchall()):
-        obj.pk = pk
+    connection = connections[ALIAS]
+    fields, sql = _insert_statement(type(objs[0]), connection.vendor)
+    rows = [[f.get_db_prep_save(f.pre_save(obj, True), connection) for f in fields] for obj in objs]
+    keys = _run(connection, sql, rows, returning=objs[0]._meta.auto_field is not None)
+    if keys is not None:
+        for obj, pk in zip(objs, keys.rows()):
+            obj.pk = pk
     return objs
 
 
-def update(model: type[Model], where: dict, values: dict):
-    """UPDATE the rows matching `where` (field = value, and-ed); its `.rowcount` is the number of
-    rows changed (inside `pipeline()`, known once the block is left)."""
-    return update_many(model, list(where), list(values), [[*where.values(), *values.values()]])
-
-
-def update_many(model: type[Model], where: list[str], columns: list[str], rows: list[list]):
-    """One UPDATE per row: each row holds the `where` values, then the new `columns` values."""
-    meta = model._meta
-    key_fields = [meta.pk if name == "pk" else meta.get_field(name) for name in where]
-    set_fields = [meta.get_field(name) for name in columns]
-    sql = (f"UPDATE {_quote(meta.db_table)} SET {', '.join(f'{_quote(f.column)} = %s' for f in set_fields)} "
-           f"WHERE {' AND '.join(f'{_quote(f.column)} = %s' for f in key_fields)}")
+def update(model: type[Model], where: list[str], columns: list[str], rows: list[list]) -> "Returned":
+    """One UPDATE per row: each row holds the `where` values (field names; "pk" for the primary
+    key), then the new `columns` values. Returns the primary keys of the rows changed (inside
+    `pipeline()`, readable once the block is left)."""
+    connection = connections[ALIAS]
+    key_fields, set_fields, sql = _update_statement(model, tuple(where), tuple(columns), connection.vendor)
     params = [
         [f.get_db_prep_save(v, connection) for f, v in zip(set_fields, row[len(where):])]
         + [f.get_db_prep_save(v, connection) for f, v in zip(key_fields, row)]
         for row in rows
     ]
-    # Cursors are left open: inside a pipeline their results arrive after this returns.
-    cursor = connection.cursor()
-    if len(params) == 1:
-        cursor.execute(sql, params[0])
-    else:
-        cursor.executemany(sql, params)
-    return cursor
+    return _run(connection, sql, params, returning=True)
+
+
+@cache
+def _insert_statement(model: type[Model], vendor: str) -> tuple[list, str]:
+    meta, quote = model._meta, connections[ALIAS].ops.quote_name
+    auto_pk = meta.auto_field is not None
+    fields = [f for f in meta.concrete_fields if not (auto_pk and f.primary_key)]
+    sql = (f"INSERT INTO {quote(meta.db_table)} ({', '.join(quote(f.column) for f in fields)}) "
+           f"VALUES ({', '.join(['%s'] * len(fields))})")
+    return fields, f"{sql} RETURNING {quote(meta.pk.column)}" if auto_pk else sql
+
+
+@cache
+def _update_statement(model: type[Model], where: tuple[str, ...], columns: tuple[str, ...], vendor: str):
+    meta, quote = model._meta, connections[ALIAS].ops.quote_name
+    key_fields = [meta.pk if name == "pk" else meta.get_field(name) for name in where]
+    set_fields = [meta.get_field(name) for name in columns]
+    sql = (f"UPDATE {quote(meta.db_table)} SET {', '.join(f'{quote(f.column)} = %s' for f in set_fields)} "
+           f"WHERE {' AND '.join(f'{quote(f.column)} = %s' for f in key_fields)} RETURNING {quote(meta.pk.column)}")
+    return key_fields, set_fields, sql
+
+
+class Returned:
+    """What the statements of one `_run` returned: the first column of each row."""
+
+    def __init__(self, cursor=None, collected: list | None = None):
+        self._cursor, self._collected = cursor, collected
+
+    def rows(self) -> list:
+        if self._collected is None:  # psycopg: one result set per statement run, ready once the pipeline synced
+            found = []
+            while True:
+                found += [row[0] for row in self._cursor.fetchall()]
+                if not self._cursor.nextset():
+                    break
+            self._collected = found
+        return self._collected
+
+
+def _run(connection, sql: str, rows: list[list], *, returning: bool) -> Returned | None:
+    """Run `sql` once per row of parameters; with `returning`, what the statements returned."""
+    if not rows:
+        return Returned(collected=[]) if returning else None
+    if connection.vendor != "postgresql":  # Django's cursor (which logs its queries itself)
+        cursor, collected = connection.cursor(), []
+        for row in rows:
+            cursor.execute(sql, row)
+            if returning:
+                collected += [found[0] for found in cursor.fetchall()]
+        return Returned(collected=collected) if returning else None
+    started = time.monotonic()
+    with connection.wrap_database_errors:
+        # psycopg's cursor binds on the server (Django's own cursor, a ClientCursor, would not)
+        cursor = psycopg.Cursor(connection.connection)
+        cursor.executemany(sql, rows, returning=returning)
+    if connection.queries_logged:  # as Django logs its own executemany
+        connection.queries_log.append({"sql": f"{len(rows)} times: {sql}" if len(rows) > 1 else sql,
+                                       "time": f"{time.monotonic() - started:.3f}"})
+    return Returned(cursor) if returning else None

@@ -228,10 +228,11 @@ def _commit(changes: list[Change], ignored: list[Change]) -> list[OutboxMessage]
         return []
     with transaction.atomic():
         with records.pipeline():
-            saga_rows = [(c.saga_id, records.update(Saga, {"pk": c.saga_id, "version": c.before.version},
-                                                    Saga.row_fields(c.decision.state))) for c in changes]
+            columns = [Saga.row_fields(c.decision.state) for c in changes]
+            updated = records.update(Saga, ["pk", "version"], list(columns[0]) if columns else [],
+                                     [[c.saga_id, c.before.version, *values.values()] for c, values in zip(changes, columns)])
             rows = append_history(changes + ignored)
-        lost = {saga_id for saga_id, row in saga_rows if row.rowcount != 1}
+        lost = {c.saga_id for c in changes} - {str(pk) for pk in updated.rows()}
         if lost:
             raise _Lost(lost)
     return rows
