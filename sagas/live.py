@@ -1,9 +1,10 @@
 """Live progress: after each committed transition a notice goes to the channel layer, where the
 admin's websocket consumers forward it to the pages that show the saga.
 
-Notices are gathered for a moment on the process's background event loop and sent as a batch
-(the latest state of each saga to its page, one notice to the list), so a busy consumer neither
-waits for them nor sends one per transition. A channel layer that is away costs a log line, not
+Notices are gathered for a moment on the process's background event loop and sent as one
+message naming the sagas that changed, to the one group every live page's socket is in (each
+socket passes on what its page shows: sagas.live_socket), so a busy consumer neither waits for
+them nor sends one per transition. A channel layer that is away costs a log line, not
 a saga: the pages reload from the database when they reconnect.
 """
 import asyncio
@@ -20,14 +21,10 @@ ALL_SAGAS_GROUP = "sagas"
 BATCH_SECONDS = 0.1
 
 
-def saga_group(saga_id: str) -> str:
-    return f"saga-{saga_id}"
-
-
-def progress(state: SagaState) -> dict:
+def progress(saga_ids: list[str]) -> dict:
     """A notice says only "look again" (sagas/static/sagas/live.js re-fetches the page, which reads
-    the record); the saga id routes it to the saga's page."""
-    return {"type": "saga.progress", "saga_id": state.saga_id}
+    the record); the saga ids tell each page whether it shows one of them."""
+    return {"type": "saga.progress", "saga_ids": saga_ids}
 
 
 class LiveNotices:
@@ -36,7 +33,7 @@ class LiveNotices:
 
     def __init__(self):
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._pending: dict[str, dict] = {}
+        self._pending: dict[str, None] = {}  # saga ids, in order
         self._lock = threading.Lock()
 
     def saga_changed(self, state: SagaState) -> None:
@@ -45,7 +42,7 @@ class LiveNotices:
                 self._loop = asyncio.new_event_loop()
                 threading.Thread(target=self._loop.run_forever, name="live-progress", daemon=True).start()
             first = not self._pending
-            self._pending[state.saga_id] = progress(state)
+            self._pending[state.saga_id] = None
         if first:
             asyncio.run_coroutine_threadsafe(self._send_batch(), self._loop)
 
@@ -58,12 +55,9 @@ class LiveNotices:
     async def _send_batch(self) -> None:
         await asyncio.sleep(BATCH_SECONDS)
         with self._lock:
-            batch = list(self._pending.values())
+            batch = list(self._pending)
             self._pending.clear()
-        layer = get_channel_layer()
         try:
-            for message in batch:
-                await layer.group_send(saga_group(message["saga_id"]), message)
-            await layer.group_send(ALL_SAGAS_GROUP, batch[-1])
+            await get_channel_layer().group_send(ALL_SAGAS_GROUP, progress(batch))
         except Exception as error:
             log.warning("live progress not sent: %r", error, extra={"sagas": len(batch)})

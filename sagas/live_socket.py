@@ -1,4 +1,5 @@
-"""The admin's live pages listen here: staff who may view sagas, one group per saga plus one for the list.
+"""The admin's live pages listen here: staff who may view sagas. Every socket is in the one group
+the notices go to (sagas.live) and passes on those about what its page shows: one saga, or the list.
 
 A socket lives no longer than the login that opened it: logging out closes it at once (each
 socket joins a group named after its session, which the logout signal tells), and before passing
@@ -19,7 +20,7 @@ from django.conf import settings
 from django.contrib.auth import get_user, user_logged_out
 from django.dispatch import receiver
 
-from sagas.live import ALL_SAGAS_GROUP, saga_group
+from sagas.live import ALL_SAGAS_GROUP
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,8 @@ class SagaProgressSocket(AsyncJsonWebsocketConsumer):
             await self.close(code=FORBIDDEN)
             return
         saga_id = self.scope["url_route"]["kwargs"].get("saga_id")
-        self.joined = [saga_group(str(saga_id)) if saga_id else ALL_SAGAS_GROUP, session_group(self.session_key)]
+        self.saga_id = str(saga_id) if saga_id else None  # None: the list of sagas
+        self.joined = [ALL_SAGAS_GROUP, session_group(self.session_key)]
         for group in self.joined:
             await self.channel_layer.group_add(group, self.channel_name)
         self.checked_at = time.monotonic()
@@ -65,12 +67,16 @@ class SagaProgressSocket(AsyncJsonWebsocketConsumer):
             await self.channel_layer.group_discard(group, self.channel_name)
 
     async def saga_progress(self, message):
+        changed = message["saga_ids"]
+        if self.saga_id is not None and self.saga_id not in changed:
+            return
         if time.monotonic() - self.checked_at >= RECHECK_SECONDS:
             if not await database_sync_to_async(_session_still_may_watch)(self.session_key):
                 await self.close(code=FORBIDDEN)
                 return
             self.checked_at = time.monotonic()
-        await self.send_json(message)
+        # the page is told "look again": its saga, or the latest of those that changed
+        await self.send_json({"type": "saga.progress", "saga_id": self.saga_id or changed[-1]})
 
     async def session_ended(self, message):
         await self.close(code=FORBIDDEN)

@@ -1,10 +1,12 @@
 """The admin's live socket: who may open it, and that it closes when the login behind it ends."""
+import time
+
 import pytest
 from asgiref.sync import async_to_sync, sync_to_async
 from channels.testing import WebsocketCommunicator
 from django.test import Client
 
-from sagas import live_socket, runtime, services
+from sagas import live, live_socket, runtime, services
 from tests.conftest import ORDER
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -133,3 +135,26 @@ def test_notices_keep_flowing_while_the_session_is_valid(make_staff, fresh_redis
         return received
 
     assert [m["saga_id"] for m in async_to_sync(run)()] == [state.saga_id] * 3
+
+
+def test_a_sagas_page_hears_of_its_saga_only_and_the_list_of_every_one(make_staff, fresh_redis):
+    browser = logged_in(make_staff("viewer", "view_saga"))
+    watched, other = a_state(), a_state()
+    time.sleep(5 * live.BATCH_SECONDS)  # the notices of their start have gone out
+
+    async def run():
+        page, listing = socket(browser, f"/ws/sagas/{watched.saga_id}/"), socket(browser)
+        assert (await page.connect(timeout=5))[0] and (await listing.connect(timeout=5))[0]
+        runtime.current().live.saga_changed(other)
+        heard_by_list = await listing.receive_json_from(timeout=5)
+        page_silent = await page.receive_nothing(timeout=0.5)
+        runtime.current().live.saga_changed(watched)
+        heard_by_page = await page.receive_json_from(timeout=5)
+        await page.disconnect()
+        await listing.disconnect()
+        return heard_by_list, page_silent, heard_by_page
+
+    heard_by_list, page_silent, heard_by_page = async_to_sync(run)()
+    assert heard_by_list == {"type": "saga.progress", "saga_id": other.saga_id}
+    assert page_silent
+    assert heard_by_page == {"type": "saga.progress", "saga_id": watched.saga_id}
