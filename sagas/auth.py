@@ -6,7 +6,6 @@ answer, follows no redirect and keeps no cookie: each call stands on the caller'
 """
 import contextvars
 import heapq
-import http.cookiejar
 import itertools
 import json
 import logging
@@ -137,11 +136,10 @@ class AuthClient:
         self.verify_url = verify_url
         self.total_timeout = timeout
         self.timeout = (min(CONNECT_TIMEOUT, timeout), timeout)
-        self.session = requests.Session()
-        self.session.trust_env = False  # no proxy or .netrc lookups: the auth service is called directly
-        self.session.cookies.set_policy(http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))  # keeps none
-        self.session.mount("http://", _WatchedAdapter(pool_maxsize=settings.WEB_THREADS))
-        self.session.mount("https://", _WatchedAdapter(pool_maxsize=settings.WEB_THREADS))
+        # requests' transport adapter alone, without a Session: no proxy or .netrc lookup, no
+        # cookie jar, no redirect handling, and half the CPU of a Session's call
+        self.adapter = _WatchedAdapter(pool_maxsize=settings.WEB_THREADS)
+        self._request = requests.Request("GET", verify_url).prepare()
 
     def verify(self, authorization: str) -> Caller | None:
         """The caller, None for a rejected token; raises AuthServiceUnavailable otherwise."""
@@ -164,8 +162,9 @@ class AuthClient:
         return _caller_from(body)
 
     def _ask(self, authorization: str, call: _Call) -> tuple[int, bytes]:
-        with self.session.get(self.verify_url, headers={"Authorization": authorization}, timeout=self.timeout,
-                              allow_redirects=False, stream=True) as response:
+        request = self._request.copy()
+        request.headers["Authorization"] = authorization
+        with self.adapter.send(request, stream=True, timeout=self.timeout) as response:
             body = b""
             for chunk in response.iter_content(16 * 1024):
                 body += chunk

