@@ -8,6 +8,7 @@ Connections are not shared between threads: one `Broker` per thread, opened afte
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import struct
@@ -224,6 +225,94 @@ def _declare_dead_letter_queue(connection) -> None:
     channel.close()
 
 
+@dataclass(frozen=True)
+class Message:
+    """One message to publish, persistent, as JSON. `mandatory`: a message no queue takes is an
+    error (commands, replies); events go without it: an event nobody subscribed to is nobody's loss."""
+
+    exchange: str
+    routing_key: str
+    body: bytes
+    message_id: str | None = None
+    correlation_id: str | None = None
+    reply_to: str | None = None
+    headers: dict | None = None
+    mandatory: bool = True
+
+    def properties(self, user: str) -> pika.BasicProperties:
+        return pika.BasicProperties(
+            content_type="application/json",
+            delivery_mode=pika.DeliveryMode.Persistent,
+            message_id=self.message_id or str(uuid.uuid4()),
+            correlation_id=self.correlation_id,
+            reply_to=self.reply_to,
+            headers=self.headers or None,
+            timestamp=int(time.time()),
+            # RabbitMQ checks it is this connection's user: a participant can tell our commands
+            # from ones another participant slipped into its queue through the default exchange
+            user_id=user,
+        )
+
+
+class _Confirms:
+    """Publisher confirms on one channel, for a round of messages at a time: the broker numbers
+    the messages of a channel 1, 2, ... and acks or nacks each (or all up to one, `multiple`);
+    an unroutable mandatory message comes back (Basic.Return) before its ack.
+
+    pika's BlockingChannel waits for each message's confirm before the next publish; this waits
+    for a round's together. It works on the channel's underlying pika channel (`_impl`) and
+    waits with the BlockingChannel's `_flush_output`: private pika API, pinned in
+    requirements.txt; tests/test_broker.py and the stalled-link tests of tests/test_outbox.py
+    prove it."""
+
+    def __init__(self, channel):
+        self._published = 0  # the broker's number of the last message published on the channel
+        self._pending: dict[int, Message] = {}  # broker's number -> message, unsettled
+        self._settled: dict[int, BrokerUnavailable | None] = {}
+        self._returned: set[str] = set()  # message ids
+        selected = []
+        channel._impl.confirm_delivery(ack_nack_callback=self._on_confirm, callback=selected.append)
+        channel._impl.add_on_return_callback(self._on_return)
+        channel._flush_output(lambda: bool(selected))
+
+    def expect(self, messages: list[Message]) -> list[Message]:
+        """The messages about to be published, each with a message id (to tell a returned one)
+        and the broker's number for it; returns them so."""
+        self._pending, self._settled, self._returned, self._order = {}, {}, set(), []
+        for message in messages:
+            if not message.message_id:
+                message = dataclasses.replace(message, message_id=str(uuid.uuid4()))
+            self._published += 1
+            self._pending[self._published] = message
+            self._order.append(self._published)
+        self._messages = dict(self._pending)
+        return list(self._messages.values())
+
+    def all_settled(self) -> bool:
+        return not self._pending
+
+    def outcomes(self, unsettled) -> list:
+        """Each expected message's outcome; `unsettled(message)`: the error of one not settled."""
+        return [self._settled[tag] if tag in self._settled else unsettled(self._messages[tag]) for tag in self._order]
+
+    def _on_confirm(self, frame) -> None:
+        method = frame.method
+        tags = [t for t in self._pending if t <= method.delivery_tag] if method.multiple else [method.delivery_tag]
+        for tag in tags:
+            message = self._pending.pop(tag, None)
+            if message is None:
+                continue
+            if isinstance(method, pika.spec.Basic.Nack):
+                self._settled[tag] = Refused(f"broker did not take the message for {message.routing_key!r}")
+            elif message.message_id in self._returned:
+                self._settled[tag] = Unroutable(f"no queue for routing key {message.routing_key!r}")
+            else:
+                self._settled[tag] = None
+
+    def _on_return(self, channel, method, properties, body) -> None:
+        self._returned.add(properties.message_id)
+
+
 def encode(body: dict) -> bytes:
     return json.dumps(body, separators=(",", ":")).encode()
 
@@ -236,6 +325,7 @@ class Broker:
         self._publish_deadline = publish_deadline
         self._connection = None
         self._channel = None
+        self._confirms: _Confirms | None = None
         self._consume_channel = None
         self._arrived: list[Delivery] = []
 
@@ -251,7 +341,7 @@ class Broker:
                 self._connection = pika.BlockingConnection(connection_parameters(heartbeat=self._heartbeat))
                 with self._deadline():  # the handshake had its own (stack_timeout); the set-up gets this one
                     self._channel = self._connection.channel()
-                    self._channel.confirm_delivery()
+                    self._confirms = _Confirms(self._channel)
                     declare_topology(self._channel)
                 metrics.broker_connected(self)
             except CONNECTION_ERRORS as error:
@@ -274,54 +364,65 @@ class Broker:
             log.warning("RabbitMQ connection lost while idle: %r", error)
             self.close()
 
-    def publish(
-        self,
-        *,
-        exchange: str,
-        routing_key: str,
-        body: bytes,
-        message_id: str | None = None,
-        correlation_id: str | None = None,
-        reply_to: str | None = None,
-        headers: dict | None = None,
-        mandatory: bool = True,
-    ) -> None:
-        """Publish one persistent message and wait for the broker's confirm.
+    def publish(self, **message) -> None:
+        """Publish one persistent message (the fields of `Message`) and wait for the broker's
+        confirm; raises what `publish_all` gives for it."""
+        [outcome] = self.publish_all([Message(**message)])
+        if outcome is not None:
+            raise outcome
 
-        `mandatory`: a message no queue takes is an error (commands, replies). Events are
-        published without it: an event nobody subscribed to is nobody's loss."""
-        properties = pika.BasicProperties(
-            content_type="application/json",
-            delivery_mode=pika.DeliveryMode.Persistent,
-            message_id=message_id or str(uuid.uuid4()),
-            correlation_id=correlation_id,
-            reply_to=reply_to,
-            headers=headers or None,
-            timestamp=int(time.time()),
-            # RabbitMQ checks it is this connection's user: a participant can tell our commands
-            # from ones another participant slipped into its queue through the default exchange
-            user_id=settings.RABBITMQ["user"],
-        )
-        channel = self._ensure()
+    def publish_all(self, messages: list[Message]) -> list[BrokerUnavailable | None]:
+        """Publish the messages, in order, and wait for their confirms together, within one publish
+        deadline. One outcome each: None (confirmed), `Unroutable` (no queue took it, even after
+        the topology was declared again), `Refused` (nacked), or, for those the connection took
+        down with it, `PublishTimeout` / `BrokerUnavailable` (the connection is then dropped)."""
+        if not messages:
+            return []
         try:
+            confirms = self._ensure_confirms()
+        except BrokerUnavailable as error:
+            return [error] * len(messages)
+        outcomes = self._publish_round(confirms, messages, list(range(len(messages))))
+        unroutable = [i for i, outcome in enumerate(outcomes) if isinstance(outcome, Unroutable)]
+        if unroutable and self.connected:
+            # someone deleted a queue (or a binding): declare ours again and send those once more
             try:
                 with self._deadline():
-                    channel.basic_publish(exchange, routing_key, body, properties, mandatory=mandatory)
-            except pika.exceptions.UnroutableError:
-                # someone deleted a queue (or a binding): declare ours again and try once more
-                with self._deadline():
-                    declare_topology(channel)
-                    channel.basic_publish(exchange, routing_key, body, properties, mandatory=mandatory)
-        except pika.exceptions.UnroutableError as error:
-            raise Unroutable(f"no queue for routing key {routing_key!r}: {error!r}") from error
-        except pika.exceptions.NackError as error:
-            raise Refused(f"broker did not take the message: {error!r}") from error
-        except _DeadlinePassed as error:
+                    declare_topology(self._channel)
+            except _DeadlinePassed:
+                self.close()
+                return [PublishTimeout(f"no topology within {self._publish_deadline}s") if i in unroutable else o
+                        for i, o in enumerate(outcomes)]
+            except CONNECTION_ERRORS as error:
+                self.close()
+                return [BrokerUnavailable(f"lost RabbitMQ while declaring: {error!r}") if i in unroutable else o
+                        for i, o in enumerate(outcomes)]
+            for i, outcome in zip(unroutable, self._publish_round(confirms, messages, unroutable)):
+                outcomes[i] = outcome
+        return outcomes
+
+    def _publish_round(self, confirms: _Confirms, messages: list[Message], indexes: list[int]) -> list:
+        """Publish messages[i] for i in indexes; their outcomes, in that order."""
+        channel, user = self._channel, settings.RABBITMQ["user"]
+        try:
+            with self._deadline():
+                for message in confirms.expect([messages[i] for i in indexes]):
+                    channel._impl.basic_publish(message.exchange, message.routing_key, message.body,
+                                                message.properties(user), mandatory=message.mandatory)
+                channel._flush_output(confirms.all_settled)
+        except _DeadlinePassed:
             self.close()
-            raise PublishTimeout(f"no confirm within {self._publish_deadline}s for {routing_key!r}") from error
+            return confirms.outcomes(lambda m: PublishTimeout(
+                f"no confirm within {self._publish_deadline}s for {m.routing_key!r}"))
         except CONNECTION_ERRORS as error:
             self.close()
-            raise BrokerUnavailable(f"lost RabbitMQ while publishing: {error!r}") from error
+            lost = f"lost RabbitMQ while publishing: {error!r}"
+            return confirms.outcomes(lambda m: BrokerUnavailable(lost))
+        return confirms.outcomes(None)
+
+    def _ensure_confirms(self) -> _Confirms:
+        self._ensure()
+        return self._confirms
 
     @contextmanager
     def _deadline(self):

@@ -25,6 +25,7 @@ from sagas.broker import (
     REPLIES_QUEUE,
     Broker,
     BrokerUnavailable,
+    Message,
     Refused,
     Unroutable,
     encode,
@@ -178,45 +179,38 @@ def outbox_row(saga_id: str, message: Command | Event) -> OutboxMessage:
 
 
 def _send(rows: list[OutboxMessage], broker: Broker, *, writer: bool = False) -> tuple[list[int], list[OutboxMessage]]:
-    """Publish rows in order. Returns the ids of those sent and the rows that failed on their own
-    account. A row the broker refuses or cannot route does not stop the rows behind it; a lost or
-    stalled connection does (they could not go either), and counts against the row it happened on
-    (it may be the cause). Not being able to connect counts against no row."""
+    """Publish rows in order, their confirms awaited together. Returns the ids of those sent and
+    the rows that failed on their own account. A row the broker refuses or cannot route does not
+    stop the rows behind it; a lost or stalled connection does (they could not go either), and
+    counts against the first row it took down (it may be the cause). Not being able to connect
+    counts against no row."""
     try:
         broker.connect()
     except BrokerUnavailable as error:
         log.warning("publish deferred to the outbox relay: %s", error, extra={"rows": len(rows)})
         return [], []
+    if writer:  # a row past the writer's window is the relay's now
+        rows = [row for row in rows if row.created_at >= timezone.now() - _WRITER_WINDOW]
     sent, failed = [], []
-    for row in rows:
-        if writer and row.created_at < timezone.now() - _WRITER_WINDOW:
-            continue  # the relay's now
-        try:
-            _publish_row(broker, row)
-        except BrokerUnavailable as error:
-            failed.append(row)
-            log.warning("outbox row not published: %s", error,
-                        extra={"saga_id": str(row.saga_id), "routing_key": row.routing_key, "attempts": row.attempts})
-            if isinstance(error, (Unroutable, Refused)):
-                continue
+    for row, outcome in zip(rows, broker.publish_all([_message(row) for row in rows])):
+        if outcome is None:
+            sent.append(row.pk)
+            log.debug("published", extra={"saga_id": str(row.saga_id), "routing_key": row.routing_key,
+                                         "attempt": row.body.get("attempt"), "message_id": str(row.message_id)})
+            continue
+        log.warning("outbox row not published: %s", outcome,
+                    extra={"saga_id": str(row.saga_id), "routing_key": row.routing_key, "attempts": row.attempts})
+        failed.append(row)
+        if not isinstance(outcome, (Unroutable, Refused)):
             break
-        sent.append(row.pk)
     return sent, failed
 
 
-def _publish_row(broker: Broker, row: OutboxMessage) -> None:
+def _message(row: OutboxMessage) -> Message:
     is_command = row.exchange == COMMANDS_EXCHANGE
-    broker.publish(
-        exchange=row.exchange,
-        routing_key=row.routing_key,
-        body=encode(row.body),
-        message_id=str(row.message_id),
-        correlation_id=str(row.saga_id),
-        reply_to=REPLIES_QUEUE if is_command else None,
-        mandatory=is_command,
-    )
-    log.debug("published", extra={"saga_id": str(row.saga_id), "routing_key": row.routing_key,
-                                 "attempt": row.body.get("attempt"), "message_id": str(row.message_id)})
+    return Message(exchange=row.exchange, routing_key=row.routing_key, body=encode(row.body),
+                   message_id=str(row.message_id), correlation_id=str(row.saga_id),
+                   reply_to=REPLIES_QUEUE if is_command else None, mandatory=is_command)
 
 
 def _mark_sent(ids: list[int]) -> None:

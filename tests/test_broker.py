@@ -1,11 +1,16 @@
 """The broker's rounds, on the real broker: the deliveries that arrived together come as one
 round, each is acked once or put back, and consuming starts again after a lost connection."""
 import time
+import uuid
+from urllib.parse import quote
 
 import pytest
 from django.conf import settings
+from hypothesis import HealthCheck, given
+from hypothesis import settings as settings_hypothesis
+from hypothesis import strategies as st
 
-from sagas.broker import Broker
+from sagas.broker import Broker, Message, Refused, Unroutable
 
 
 def take_rounds(broker, queue, *, until, timeout=10.0) -> list[list]:
@@ -103,3 +108,42 @@ def test_every_message_carries_the_user_rabbitmq_vouches_for(private_queue):
     (delivery,) = broker.drain(private_queue)
     broker.close()
     assert delivery.user_id == settings.RABBITMQ["user"]
+
+
+KINDS = ("confirmed", "unroutable", "refused", "event nobody hears")
+
+
+@pytest.fixture
+def refusing_queue():
+    """A queue that nacks every message published to it (no room, reject-publish)."""
+    import pika
+
+    connection = pika.BlockingConnection(pika.URLParameters(
+        f"amqp://{settings.RABBITMQ['user']}:{settings.RABBITMQ['password']}@{settings.RABBITMQ['host']}:"
+        f"{settings.RABBITMQ['port']}/{quote(settings.RABBITMQ['vhost'], safe='')}"))
+    name = f"tests.refusing.{uuid.uuid4().hex}"
+    connection.channel().queue_declare(name, arguments={"x-max-length": 0, "x-overflow": "reject-publish"})
+    yield name
+    connection.channel().queue_delete(name)
+    connection.close()
+
+
+@settings_hypothesis(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(kinds=st.lists(st.sampled_from(KINDS), min_size=1, max_size=12))
+def test_a_round_of_messages_is_confirmed_together_and_each_gets_its_own_outcome(private_queue, refusing_queue, kinds):
+    broker = Broker()
+    messages = []
+    for number, kind in enumerate(kinds):
+        routing_key = {"confirmed": private_queue, "unroutable": f"nowhere.{uuid.uuid4().hex}",
+                       "refused": refusing_queue, "event nobody hears": f"nowhere.{uuid.uuid4().hex}"}[kind]
+        messages.append(Message(exchange="", routing_key=routing_key, body=str(number).encode(),
+                                mandatory=kind != "event nobody hears"))
+
+    outcomes = broker.publish_all(messages)
+
+    expected = {"confirmed": type(None), "unroutable": Unroutable, "refused": Refused, "event nobody hears": type(None)}
+    assert [type(outcome) for outcome in outcomes] == [expected[kind] for kind in kinds]
+    arrived = [d.body for d in broker.drain(private_queue)]
+    assert arrived == [str(n).encode() for n, kind in enumerate(kinds) if kind == "confirmed"]  # each once, in order
+    assert broker.connected  # refusals and returns leave the connection as it was
+    broker.close()
