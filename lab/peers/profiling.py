@@ -2,8 +2,10 @@
 memory with ptrace), writes a speedscope file, and the benchmark reduces it to the hottest
 functions by own time (the function was running) and by total time (it was on the stack).
 
-py-spy runs --nonblocking (it never pauses the process) at 100 samples/s and leaves idle threads
-out, so the percentages are of the time the process's threads were busy, summed over threads.
+py-spy runs --nonblocking (it never pauses the process) at 100 samples/s and keeps only the
+samples of the thread holding the GIL (--gil): a thread waiting on a socket (psycopg's wait, a
+pika poll, a queue) is not counted, which py-spy's idle detection alone did not manage here. So
+the percentages are of the process's Python CPU time.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ class Profile:
         self.path = out_dir / f"profile-{name}.speedscope.json"
         self.log = out_dir / f"profile-{name}.py-spy.log"
         argv = [str(PY_SPY), "record", "--pid", str(pid), "--format", "speedscope", "--output", str(self.path),
-                "--rate", str(rate), "--nonblocking"]
+                "--rate", str(rate), "--nonblocking", "--gil"]
         with open(self.log, "wb") as log:
             self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
