@@ -195,7 +195,7 @@ class OrderViewSet(viewsets.ViewSet):
         order = {**order.validated_data, "items": [dict(item) for item in order.validated_data["items"]]}
         try:
             saga, created = services.start_order_saga(user_id=request.user.user_id, idempotency_key=key,
-                                                      fingerprint=_fingerprint(order), **order)
+                                                      fingerprint=_fingerprint(order) if key else "", **order)
         except services.IdempotencyConflict:
             return Response({"Idempotency-Key": ["This key was used with a different request body."]},
                             status=status.HTTP_422_UNPROCESSABLE_ENTITY)
