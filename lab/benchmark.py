@@ -44,6 +44,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from demo.catalogue import CUSTOMER_TOKEN
 from lab.order_client import OrderClient, Submission
 from lab.peers import runner
 from lab.peers.cpu import CpuWatch, Group, per_saga_ms, server_groups
@@ -323,6 +324,47 @@ def step_times(saga_ids: list[str]) -> dict[str, float | None]:
     return {command: ms(percentile(values, 50)) for command, values in sorted(durations.items())}
 
 
+def web_floor(stack: Stack, base_url: str, saga_id: str, *, requests: int, concurrency: int) -> dict[str, float]:
+    """The web process's CPU per request for requests that do no saga work, at `concurrency`:
+    `GET /` (uvicorn, Django's middleware and a DRF view, nothing else) and `GET /sagas/<id>` (the
+    same plus the bearer token's auth call and one read). What a POST costs beyond them is the
+    order's own work."""
+    floor = {}
+    token = {"Authorization": f"Bearer {CUSTOMER_TOKEN}"}
+    for name, path, headers in (("liveness", "/", {}), ("status read", f"/sagas/{saga_id}", token)):
+        watch = CpuWatch([Group("web", roots=(stack.services["web"].pid,))])
+        watch.start()
+        get_many(base_url + path, headers, count=requests, concurrency=concurrency)
+        floor[name] = round(watch.stop()["web"] * 1000 / requests, 2)
+    return floor
+
+
+def get_many(url: str, headers: dict, *, count: int, concurrency: int) -> None:
+    """`count` GETs of `url` from `concurrency` clients; raises if one is not a 200."""
+    import requests as http
+
+    issued, failures, lock = [0], [], threading.Lock()
+
+    def client() -> None:
+        session = http.Session()
+        while not failures:
+            with lock:
+                if issued[0] >= count:
+                    return
+                issued[0] += 1
+            answer = session.get(url, headers=headers, timeout=30)
+            if answer.status_code != 200:
+                failures.append(f"GET {url}: {answer.status_code} {answer.text[:200]}")
+
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(concurrency)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if failures:
+        raise RuntimeError(failures[0])
+
+
 # --- the raw broker baseline ---------------------------------------------------------------------------
 
 
@@ -353,6 +395,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--single", type=int, default=200, help="sagas (and raw chains) at one in flight")
     parser.add_argument("--raw-chains", type=int, help="raw chains in the throughput pass (default: min(sagas, 5000))")
     parser.add_argument("--warmup", type=int, default=50, help="sagas before measuring (counted for RSS, not reported)")
+    parser.add_argument("--floor-requests", type=int, default=1000,
+                        help="requests of each kind in the web floor pass (GET / and GET /sagas/<id>)")
     parser.add_argument("--rss-growth", action="store_true", help="run at least 20,000 sagas and report consumer "
                                                                    "RSS growth from 1,000 to 20,000")
     parser.add_argument("--saga-timeout", type=float, default=120.0, help="seconds a saga may take to end")
@@ -471,6 +515,10 @@ def main() -> int:
                              saga_timeout=args.saga_timeout)
         results["load"]["single"] = watch.finish()
         results["single_step_ms"] = step_times(single.saga_ids)
+        print(f"web floor: {args.floor_requests} requests of GET / and of GET /sagas/<id>, {args.concurrency} in "
+              "flight ...", flush=True)
+        results["web_floor_cpu_ms"] = web_floor(stack, base_url, single.saga_ids[0], requests=args.floor_requests,
+                                                concurrency=args.concurrency) if single.saga_ids else {}
         memory = {name: memory_kib(stack.services[name].pid) for name in ["web", *consumers]}
 
         print(f"raw broker baseline: {args.raw_chains} chains at {args.concurrency}, {args.single} at 1 ...",
@@ -513,7 +561,8 @@ def main() -> int:
                     "single": single.summary(), "raw": raw, "memory_kib": memory, "consumer_rss_kib_at": samples,
                     "stopped_early": dead, "peers": peers})
     verdicts = print_table(args, throughput, single, raw, memory, samples, consumers,
-                           results["cpu_seconds_in_throughput_pass"], results["single_step_ms"], peers)
+                           results["cpu_seconds_in_throughput_pass"], results["single_step_ms"], peers,
+                           results.get("web_floor_cpu_ms", {}))
     results["verdicts"] = verdicts
     columns = comparison_columns(args, throughput, single, raw, results["cpu_seconds_in_throughput_pass"], peers)
     print(comparison_table(columns, args.concurrency))
@@ -563,7 +612,8 @@ def _verdict(value: float | None, ok) -> str:
 
 
 def print_table(args, throughput: PassResult, single: PassResult, raw: dict, memory: dict, samples: dict,
-                consumers: list[str], cpu_in_pass: dict[str, float], step_ms: dict, peers: dict) -> dict[str, str]:
+                consumers: list[str], cpu_in_pass: dict[str, float], step_ms: dict, peers: dict,
+                floor: dict[str, float]) -> dict[str, str]:
     raw.setdefault("single", {"p50_ms": None, "p99_ms": None, "completed": 0})
     raw_c, raw_1 = raw["throughput"], raw["single"]
     saga_p50, saga_p99 = ms(percentile(throughput.latencies, 50)), ms(percentile(throughput.latencies, 99))
@@ -615,6 +665,8 @@ def print_table(args, throughput: PassResult, single: PassResult, raw: dict, mem
         ("CPU per saga, web + consumers (C pass)", f"{service_cpu:.1f} ms = web {per_saga['web']:.1f} + consumers "
                                                    f"{consumers_cpu:.1f} (all processes: table below)",
          f"<= {TARGET_SERVICE_CPU_MS}", verdicts["service cpu"]),
+        ("  web CPU per request without saga work", "; ".join(
+            f"{name} {value:.1f} ms" for name, value in floor.items()) or "n/a", "", ""),
         ("CPU per raw chain (C pass)", f"{driver_cpu + raw_participants_cpu:.1f} ms = driver {driver_cpu:.1f} + "
                                        f"participants {raw_participants_cpu:.1f} (+ RabbitMQ)", "", ""),
         ("peak RSS web", _mib(memory["web"]["VmHWM"]), "", ""),
