@@ -232,7 +232,9 @@ def _commit(changes: list[Change], ignored: list[Change]) -> list[OutboxMessage]
             updated = records.update(Saga, ["pk", "version"], list(columns[0]) if columns else [],
                                      [[c.saga_id, c.before.version, *values.values()] for c, values in zip(changes, columns)])
             rows = append_history(changes + ignored)
-        lost = {c.saga_id for c in changes} - {str(pk) for pk in updated.rows()}
+        # (compared as UUIDs: SQLite gives back the stored hex, PostgreSQL a UUID)
+        changed = {_uuid(pk) for pk in updated.rows()}
+        lost = {c.saga_id for c in changes if _uuid(c.saga_id) not in changed}
         if lost:
             raise _Lost(lost)
     return rows
