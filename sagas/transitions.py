@@ -249,7 +249,7 @@ def commit_new(saga: Saga, change: Change) -> list[OutboxMessage]:
 
 def append_history(changes: list[Change]) -> list[OutboxMessage]:
     """The timeline entries and the outbox rows of the changes, inside their transaction."""
-    records.insert([e for c in changes for e in _timeline(c)])
+    records.insert([e for c in changes for e in _timeline(c)], with_ids=False)
     return records.insert([outbox.outbox_row(c.saga_id, m) for c in changes for m in c.decision.messages])
 
 
