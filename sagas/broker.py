@@ -372,10 +372,12 @@ class Broker:
             raise outcome
 
     def publish_all(self, messages: list[Message]) -> list[BrokerUnavailable | None]:
-        """Publish the messages, in order, and wait for their confirms together, within one publish
-        deadline. One outcome each: None (confirmed), `Unroutable` (no queue took it, even after
-        the topology was declared again), `Refused` (nacked), or, for those the connection took
-        down with it, `PublishTimeout` / `BrokerUnavailable` (the connection is then dropped)."""
+        """Publish a round of messages, in order, and wait for their confirms together, within one
+        publish deadline (and one more for those no queue took: the topology is declared again and
+        they are sent once more), so a round is for as many messages as one deadline allows. One
+        outcome each: None (confirmed), `Unroutable`, `Refused` (nacked), or, for those the
+        connection took down with it, `PublishTimeout` / `BrokerUnavailable` (the connection is
+        then dropped)."""
         if not messages:
             return []
         try:
@@ -386,26 +388,19 @@ class Broker:
         unroutable = [i for i, outcome in enumerate(outcomes) if isinstance(outcome, Unroutable)]
         if unroutable and self.connected:
             # someone deleted a queue (or a binding): declare ours again and send those once more
-            try:
-                with self._deadline():
-                    declare_topology(self._channel)
-            except _DeadlinePassed:
-                self.close()
-                return [PublishTimeout(f"no topology within {self._publish_deadline}s") if i in unroutable else o
-                        for i, o in enumerate(outcomes)]
-            except CONNECTION_ERRORS as error:
-                self.close()
-                return [BrokerUnavailable(f"lost RabbitMQ while declaring: {error!r}") if i in unroutable else o
-                        for i, o in enumerate(outcomes)]
-            for i, outcome in zip(unroutable, self._publish_round(confirms, messages, unroutable)):
+            for i, outcome in zip(unroutable, self._publish_round(confirms, messages, unroutable, declare=True)):
                 outcomes[i] = outcome
         return outcomes
 
-    def _publish_round(self, confirms: _Confirms, messages: list[Message], indexes: list[int]) -> list:
-        """Publish messages[i] for i in indexes; their outcomes, in that order."""
+    def _publish_round(self, confirms: _Confirms, messages: list[Message], indexes: list[int], *,
+                       declare: bool = False) -> list:
+        """Publish messages[i] for i in indexes (after declaring the topology, with `declare`),
+        within one deadline; their outcomes, in that order."""
         channel, user = self._channel, settings.RABBITMQ["user"]
         try:
             with self._deadline():
+                if declare:
+                    declare_topology(channel)
                 for message in confirms.expect([messages[i] for i in indexes]):
                     channel._impl.basic_publish(message.exchange, message.routing_key, message.body,
                                                 message.properties(user), mandatory=message.mandatory)
@@ -418,7 +413,10 @@ class Broker:
             self.close()
             lost = f"lost RabbitMQ while publishing: {error!r}"
             return confirms.outcomes(lambda m: BrokerUnavailable(lost))
-        return confirms.outcomes(None)
+        except BaseException:
+            self.close()  # the broker's numbering of this channel's messages is not known any more
+            raise
+        return confirms.outcomes(lambda m: BrokerUnavailable(f"no confirm for {m.routing_key!r}"))
 
     def _ensure_confirms(self) -> _Confirms:
         self._ensure()

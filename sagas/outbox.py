@@ -38,9 +38,12 @@ log = logging.getLogger(__name__)
 RELAY_AFTER_SECONDS = 5.0
 RETRY_FIRST_SECONDS = 1.0
 RETRY_MAX_SECONDS = 60.0
-# a writer must have finished with a row (published, or given up at the publish deadline) before
-# the relay may take it; half a second of room for the clocks of two processes
-_WRITER_WINDOW = timedelta(seconds=RELAY_AFTER_SECONDS - PUBLISH_DEADLINE_SECONDS - 0.5)
+# rows published together, their confirms awaited within one publish deadline
+PUBLISH_ROUND = 50
+# a writer must have finished with a row (published, or given up at the deadlines of its round:
+# two when the topology is declared again) before the relay may take it; half a second of room
+# for the clocks of two processes
+_WRITER_WINDOW = timedelta(seconds=RELAY_AFTER_SECONDS - 2 * PUBLISH_DEADLINE_SECONDS - 0.5)
 
 def retry_delay(attempts: int) -> float:
     """Seconds before the next try of a row whose publish has failed `attempts` (>= 1) times."""
@@ -179,29 +182,36 @@ def outbox_row(saga_id: str, message: Command | Event) -> OutboxMessage:
 
 
 def _send(rows: list[OutboxMessage], broker: Broker, *, writer: bool = False) -> tuple[list[int], list[OutboxMessage]]:
-    """Publish rows in order, their confirms awaited together. Returns the ids of those sent and
-    the rows that failed on their own account. A row the broker refuses or cannot route does not
-    stop the rows behind it; a lost or stalled connection does (they could not go either), and
-    counts against the first row it took down (it may be the cause). Not being able to connect
-    counts against no row."""
+    """Publish rows in order, in rounds of PUBLISH_ROUND whose confirms are awaited together.
+    Returns the ids of those sent and the rows that failed on their own account. A row the broker
+    refuses or cannot route does not stop the rows behind it; a lost or stalled connection does
+    (they could not go either), and counts against the first row it took down (it may be the
+    cause). Not being able to connect counts against no row."""
     try:
         broker.connect()
     except BrokerUnavailable as error:
         log.warning("publish deferred to the outbox relay: %s", error, extra={"rows": len(rows)})
         return [], []
-    if writer:  # a row past the writer's window is the relay's now
-        rows = [row for row in rows if row.created_at >= timezone.now() - _WRITER_WINDOW]
     sent, failed = [], []
-    for row, outcome in zip(rows, broker.publish_all([_message(row) for row in rows])):
-        if outcome is None:
-            sent.append(row.pk)
-            log.debug("published", extra={"saga_id": str(row.saga_id), "routing_key": row.routing_key,
-                                         "attempt": row.body.get("attempt"), "message_id": str(row.message_id)})
-            continue
-        log.warning("outbox row not published: %s", outcome,
-                    extra={"saga_id": str(row.saga_id), "routing_key": row.routing_key, "attempts": row.attempts})
-        failed.append(row)
-        if not isinstance(outcome, (Unroutable, Refused)):
+    for start in range(0, len(rows), PUBLISH_ROUND):
+        round_ = rows[start:start + PUBLISH_ROUND]
+        if writer:  # a row past the writer's window is the relay's now
+            round_ = [row for row in round_ if row.created_at >= timezone.now() - _WRITER_WINDOW]
+        lost = False
+        for row, outcome in zip(round_, broker.publish_all([_message(row) for row in round_])):
+            if outcome is None:  # confirmed, even behind a row the connection took down
+                sent.append(row.pk)
+                log.debug("published", extra={"saga_id": str(row.saga_id), "routing_key": row.routing_key,
+                                             "attempt": row.body.get("attempt"), "message_id": str(row.message_id)})
+                continue
+            if not isinstance(outcome, (Unroutable, Refused)):
+                if lost:
+                    continue
+                lost = True
+            failed.append(row)
+            log.warning("outbox row not published: %s", outcome,
+                        extra={"saga_id": str(row.saga_id), "routing_key": row.routing_key, "attempts": row.attempts})
+        if lost:
             break
     return sent, failed
 

@@ -14,7 +14,16 @@ from hypothesis import strategies as st
 
 from lab.faults import infra
 from sagas import outbox
-from sagas.broker import COMMANDS_EXCHANGE, EVENTS_EXCHANGE, PUBLISH_DEADLINE_SECONDS, Broker, PublishTimeout
+from sagas.broker import (
+    COMMANDS_EXCHANGE,
+    EVENTS_EXCHANGE,
+    PUBLISH_DEADLINE_SECONDS,
+    Broker,
+    BrokerUnavailable,
+    PublishTimeout,
+    Refused,
+    Unroutable,
+)
 from sagas.models import OutboxMessage, Saga
 from tests.conftest import wait_for
 
@@ -188,3 +197,41 @@ def test_create_order_answers_at_once_while_the_broker_is_stalled_and_the_relay_
     assert row.sent_at is not None
     # at least once: the publish that gave up may have reached the broker too once bytes flowed
     assert str(row.message_id) in message_ids(Broker().drain("stock.commands"))
+
+
+OUTCOMES = {"confirmed": lambda: None, "unroutable": lambda: Unroutable("no queue"), "refused": lambda: Refused("nack"),
+            "timed out": lambda: PublishTimeout("no confirm"), "connection lost": lambda: BrokerUnavailable("lost")}
+
+
+class ScriptedBroker:
+    """The outcomes a broker gives each message, in publish order (the rounds' accounting alone)."""
+
+    def __init__(self, script: list[str]):
+        self.script, self.published = list(script), []
+
+    def connect(self) -> None:
+        pass
+
+    def publish_all(self, messages):
+        self.published += [m.message_id for m in messages]
+        return [OUTCOMES[self.script.pop(0)]() for _ in messages]
+
+
+@hypothesis_settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(script=st.lists(st.sampled_from(sorted(OUTCOMES)), min_size=1, max_size=3 * outbox.PUBLISH_ROUND))
+def test_every_confirmed_row_is_marked_sent_and_a_lost_connection_counts_against_one_row(script):
+    rows = [OutboxMessage(pk=n, saga_id=uuid.uuid4(), exchange=COMMANDS_EXCHANGE, routing_key="stock.reduce",
+                          body={"attempt": 1}, created_at=timezone.now()) for n in range(len(script))]
+    broker = ScriptedBroker(script)
+
+    sent, failed = outbox._send(rows, broker)
+
+    # the rounds go out until one loses the connection; the rest wait for the relay
+    lost_round = next((n // outbox.PUBLISH_ROUND for n, kind in enumerate(script)
+                       if kind in ("timed out", "connection lost")), None)
+    tried = len(script) if lost_round is None else min(len(script), (lost_round + 1) * outbox.PUBLISH_ROUND)
+    assert broker.published == [str(row.message_id) for row in rows[:tried]]
+    assert sent == [n for n in range(tried) if script[n] == "confirmed"]  # confirmed behind a lost one too
+    first_lost = [n for n in range(tried) if script[n] in ("timed out", "connection lost")][:1]
+    assert [row.pk for row in failed] == sorted(
+        [n for n in range(tried) if script[n] in ("unroutable", "refused")] + first_lost)
