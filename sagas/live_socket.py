@@ -67,7 +67,7 @@ class SagaProgressSocket(AsyncJsonWebsocketConsumer):
             await self.channel_layer.group_discard(group, self.channel_name)
 
     async def saga_progress(self, message):
-        changed = message["saga_ids"]
+        changed = message.get("saga_ids") or [message.get("saga_id")]  # (the one-saga notice of a process not yet upgraded)
         if self.saga_id is not None and self.saga_id not in changed:
             return
         if time.monotonic() - self.checked_at >= RECHECK_SECONDS:
