@@ -267,6 +267,7 @@ class _Confirms:
 
     def __init__(self, channel):
         self._published = 0  # the broker's number of the last message published on the channel
+        self._first = 1  # the number of the round's first message
         self._pending: dict[int, Message] = {}  # broker's number -> message, unsettled
         self._settled: dict[int, BrokerUnavailable | None] = {}
         self._returned: set[str] = set()  # message ids
@@ -278,22 +279,22 @@ class _Confirms:
     def expect(self, messages: list[Message]) -> list[Message]:
         """The messages about to be published, each with a message id (to tell a returned one)
         and the broker's number for it; returns them so."""
-        self._pending, self._settled, self._returned, self._order = {}, {}, set(), []
+        self._pending, self._settled, self._returned = {}, {}, set()
+        self._first = self._published + 1
         for message in messages:
             if not message.message_id:
                 message = dataclasses.replace(message, message_id=str(uuid.uuid4()))
             self._published += 1
             self._pending[self._published] = message
-            self._order.append(self._published)
-        self._messages = dict(self._pending)
-        return list(self._messages.values())
+        return list(self._pending.values())
 
     def all_settled(self) -> bool:
         return not self._pending
 
     def outcomes(self, unsettled) -> list:
         """Each expected message's outcome; `unsettled(message)`: the error of one not settled."""
-        return [self._settled[tag] if tag in self._settled else unsettled(self._messages[tag]) for tag in self._order]
+        return [self._settled[tag] if tag in self._settled else unsettled(self._pending[tag])
+                for tag in range(self._first, self._published + 1)]
 
     def _on_confirm(self, frame) -> None:
         method = frame.method
