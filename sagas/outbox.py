@@ -196,7 +196,8 @@ def _send(rows: list[OutboxMessage], broker: Broker, *, writer: bool = False) ->
     for start in range(0, len(rows), PUBLISH_ROUND):
         round_ = rows[start:start + PUBLISH_ROUND]
         if writer:  # a row past the writer's window is the relay's now
-            round_ = [row for row in round_ if row.created_at >= timezone.now() - _WRITER_WINDOW]
+            oldest = timezone.now() - _WRITER_WINDOW
+            round_ = [row for row in round_ if row.created_at >= oldest]
         lost = False
         for row, outcome in zip(round_, broker.publish_all([_message(row) for row in round_])):
             if outcome is None:  # confirmed, even behind a row the connection took down
